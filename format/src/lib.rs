@@ -1,0 +1,7 @@
+//! Wire and file formats shared by every twinroot component, so the two sides of each format
+//! compile against the same types: A/B slot attributes and the GPT slot table, the release
+//! manifest and bundle, the keyring, Omaha messages and FleetLock messages.
+
+pub mod gpt;
+pub mod omaha;
+pub mod slot;
