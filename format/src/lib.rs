@@ -2,6 +2,8 @@
 //! compile against the same types: A/B slot attributes and the GPT slot table, the release
 //! manifest and bundle, the keyring, Omaha messages and FleetLock messages.
 
+pub mod bundle;
 pub mod gpt;
-pub mod omaha;
+pub mod keyring;
+pub mod manifest;
 pub mod slot;
