@@ -6,4 +6,5 @@ pub mod bundle;
 pub mod gpt;
 pub mod keyring;
 pub mod manifest;
+pub mod omaha;
 pub mod slot;
