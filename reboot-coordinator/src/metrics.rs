@@ -1,0 +1,135 @@
+//! Counters of one coordinator process, rendered in the Prometheus text format.
+
+use crate::etcd_store::GroupStatus;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use twinroot_format::fleetlock::ErrorKind;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub grants: AtomicU64,
+    pub renewals: AtomicU64,
+    pub releases: AtomicU64,
+    pub releases_not_held: AtomicU64,
+    pub expiries: AtomicU64,
+    pub etcd_errors: AtomicU64,
+    refusals: [AtomicU64; ErrorKind::ALL.len()],
+}
+
+fn kind_index(kind: ErrorKind) -> usize {
+    ErrorKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("every kind is in ALL")
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, kind: ErrorKind) {
+        self.refusals[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refusals(&self, kind: ErrorKind) -> u64 {
+        self.refusals[kind_index(kind)].load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition. `groups` is the etcd view at scrape time (`None`: etcd down).
+    pub fn render(&self, groups: Option<&[GroupStatus]>, default_slots: u32) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(
+            &mut out,
+            "reboot_coordinator_grants_total",
+            "New reboot slots granted by this coordinator.",
+            &self.grants,
+        );
+        counter(
+            &mut out,
+            "reboot_coordinator_renewals_total",
+            "Repeated pre-reboot calls that renewed an existing slot's lease.",
+            &self.renewals,
+        );
+        counter(
+            &mut out,
+            "reboot_coordinator_releases_total",
+            "Slots given back through steady-state.",
+            &self.releases,
+        );
+        counter(
+            &mut out,
+            "reboot_coordinator_releases_not_held_total",
+            "Steady-state calls for ids that held no slot (idempotent no-ops).",
+            &self.releases_not_held,
+        );
+        counter(
+            &mut out,
+            "reboot_coordinator_expiries_total",
+            "Slots freed because the holder's lease expired (seen by this coordinator).",
+            &self.expiries,
+        );
+        counter(
+            &mut out,
+            "reboot_coordinator_etcd_errors_total",
+            "etcd calls that failed or timed out.",
+            &self.etcd_errors,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP reboot_coordinator_refusals_total Non-200 answers by FleetLock error kind."
+        );
+        let _ = writeln!(out, "# TYPE reboot_coordinator_refusals_total counter");
+        for kind in ErrorKind::ALL {
+            let _ = writeln!(
+                out,
+                "reboot_coordinator_refusals_total{{kind=\"{kind}\"}} {}",
+                self.refusals(kind)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP reboot_coordinator_etcd_up 1 if etcd answered the scrape-time read."
+        );
+        let _ = writeln!(out, "# TYPE reboot_coordinator_etcd_up gauge");
+        let _ = writeln!(
+            out,
+            "reboot_coordinator_etcd_up {}",
+            u8::from(groups.is_some())
+        );
+        if let Some(groups) = groups {
+            let _ = writeln!(
+                out,
+                "# HELP reboot_coordinator_group_slots Reboot slot count per group."
+            );
+            let _ = writeln!(out, "# TYPE reboot_coordinator_group_slots gauge");
+            for g in groups {
+                let _ = writeln!(
+                    out,
+                    "reboot_coordinator_group_slots{{group=\"{}\"}} {}",
+                    g.group,
+                    g.slots.unwrap_or(default_slots)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "# HELP reboot_coordinator_group_holders Hosts holding a reboot slot per group."
+            );
+            let _ = writeln!(out, "# TYPE reboot_coordinator_group_holders gauge");
+            for g in groups {
+                let _ = writeln!(
+                    out,
+                    "reboot_coordinator_group_holders{{group=\"{}\"}} {}",
+                    g.group,
+                    g.holders.len()
+                );
+            }
+        }
+        out
+    }
+}
