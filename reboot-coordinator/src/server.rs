@@ -82,22 +82,14 @@ impl IntoResponse for Failure {
 }
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
-    let method_not_allowed = |path: &'static str| {
-        move || async move {
-            Failure(
-                ErrorKind::MethodNotAllowed,
-                format!("{path} only accepts POST"),
-            )
-        }
-    };
     Router::new()
         .route(
             fleetlock::PRE_REBOOT_PATH,
-            post(pre_reboot).fallback(method_not_allowed(fleetlock::PRE_REBOOT_PATH)),
+            post(pre_reboot).fallback(method_not_allowed),
         )
         .route(
             fleetlock::STEADY_STATE_PATH,
-            post(steady_state).fallback(method_not_allowed(fleetlock::STEADY_STATE_PATH)),
+            post(steady_state).fallback(method_not_allowed),
         )
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -115,8 +107,8 @@ pub async fn run(
         .await
 }
 
-async fn not_found(uri: axum::http::Uri) -> Response {
-    Failure(
+async fn not_found(State(c): State<Arc<Coordinator>>, uri: axum::http::Uri) -> Response {
+    let failure = Failure(
         ErrorKind::NotFound,
         format!(
             "no route {}; FleetLock routes are POST {} and POST {}",
@@ -124,8 +116,20 @@ async fn not_found(uri: axum::http::Uri) -> Response {
             fleetlock::PRE_REBOOT_PATH,
             fleetlock::STEADY_STATE_PATH
         ),
-    )
-    .into_response()
+    );
+    finish(&c, Err(failure))
+}
+
+async fn method_not_allowed(
+    State(c): State<Arc<Coordinator>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let failure = Failure(
+        ErrorKind::MethodNotAllowed,
+        format!("{} {} is not allowed; use POST", method, uri.path()),
+    );
+    finish(&c, Err(failure))
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {

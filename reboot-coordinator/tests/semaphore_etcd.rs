@@ -150,7 +150,7 @@ async fn two_coordinators_racing_never_over_grant() {
 #[tokio::test]
 async fn dead_holder_expires_and_live_holder_keeps_its_slot() {
     let etcd = EtcdCluster::start_single().await;
-    let s = Arc::new(semaphore(etcd.endpoints(), 2).await);
+    let s = Arc::new(semaphore(etcd.endpoints(), 3).await);
     let expiries = Arc::new(AtomicU64::new(0));
     let cancel = tokio_util::sync::CancellationToken::new();
     let watcher = {
