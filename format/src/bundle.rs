@@ -49,7 +49,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 9;
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("i/o error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("not a twinroot bundle: bad magic {0:02x?} (expected \"TWINRBDL\")")]
     BadMagic([u8; 8]),
     #[error(
@@ -68,7 +68,7 @@ pub enum BundleError {
     #[error("bundle is truncated: file ends inside the {0}")]
     Truncated(&'static str),
     #[error("bundle manifest is invalid: {0}")]
-    Manifest(#[from] ManifestError),
+    Manifest(ManifestError),
     #[error("bundle header says format version {header}, its signed manifest says {manifest}")]
     FormatVersionMismatch { header: u32, manifest: u32 },
     #[error("signature by key {0} does not verify: manifest or signature was altered")]
@@ -114,6 +114,20 @@ pub enum BundleError {
     DuplicateSigningKey(KeyId),
     #[error("manifest is {0} bytes, larger than the {MAX_MANIFEST_LEN} allowed")]
     ManifestTooLarge(usize),
+}
+
+// Manual `From`s (not `#[from]`): the message already contains the cause, so it must not also
+// be reported as the error's source (anyhow would print it twice).
+impl From<io::Error> for BundleError {
+    fn from(e: io::Error) -> BundleError {
+        BundleError::Io(e)
+    }
+}
+
+impl From<ManifestError> for BundleError {
+    fn from(e: ManifestError) -> BundleError {
+        BundleError::Manifest(e)
+    }
 }
 
 impl BundleError {

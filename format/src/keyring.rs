@@ -17,7 +17,9 @@ use std::str::FromStr;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -70,10 +72,10 @@ impl FromStr for KeyId {
 /// Errors about key files, keyrings and keyring rotations.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not an ed25519 private key in PKCS#8 PEM form ({detail})")]
     BadPrivateKey { path: PathBuf, detail: String },
@@ -87,8 +89,10 @@ pub enum KeyError {
     BadKeyId(String),
     #[error("keyring is not valid: {0}")]
     BadKeyring(String),
-    #[error("keyring has no keys: nothing can be trusted (fails closed)")]
+    #[error("empty keyring, it has no keys: nothing can be trusted (fails closed)")]
     EmptyKeyring,
+    #[error("{path}: {error}")]
+    InFile { path: PathBuf, error: Box<KeyError> },
     #[error(
         "keyring threshold {threshold} is impossible with {keys} key(s): need 1 <= threshold <= keys"
     )]
@@ -133,9 +137,15 @@ pub fn generate_signing_key() -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&secret))
 }
 
-/// PKCS#8 PEM text of a private key (what `openssl pkey -in FILE` reads).
+/// PKCS#8 v1 PEM text of a private key (what `openssl pkey -in FILE` reads; OpenSSL 3.0 does
+/// not read the v2 form that also embeds the public key).
 pub fn private_key_pem(key: &SigningKey) -> String {
-    key.to_pkcs8_pem(LineEnding::LF)
+    let bytes = KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    bytes
+        .to_pkcs8_pem(LineEnding::LF)
         .expect("encoding an ed25519 key as PKCS#8 cannot fail")
         .to_string()
 }
@@ -147,9 +157,9 @@ pub fn public_key_pem(key: &VerifyingKey) -> String {
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let io = |source| KeyError::Io {
+    let io = |error| KeyError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
@@ -355,12 +365,9 @@ impl Keyring {
     /// keyring nothing can be verified, so callers fail closed.
     pub fn load(path: &Path) -> Result<Keyring, KeyError> {
         let bytes = read_small(path)?;
-        Keyring::from_bytes(&bytes).map_err(|e| match e {
-            KeyError::EmptyKeyring => KeyError::BadKeyring(format!(
-                "{}: empty keyring, nothing can be trusted (fails closed)",
-                path.display()
-            )),
-            other => KeyError::BadKeyring(format!("{}: {other}", path.display())),
+        Keyring::from_bytes(&bytes).map_err(|e| KeyError::InFile {
+            path: path.to_path_buf(),
+            error: Box::new(e),
         })
     }
 
