@@ -1,0 +1,446 @@
+//! One function per subcommand; `main.rs` only parses the command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::policy::{HaltRule, MaintenanceWindow, Ramp, RateLimit, RolloutPolicy, Step};
+use crate::server::{self, ServerConfig};
+use crate::store::{Role, Store};
+
+/// `update-server serve`: runs until SIGINT or SIGTERM.
+pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
+    let state = server::open_state(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "update-server listening");
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        trigger.cancel();
+    });
+    server::run(listener, state, shutdown).await
+}
+
+/// `update-server token create`: prints a new token.
+pub async fn token_create(
+    data_dir: &Path,
+    database: Option<String>,
+    role: Role,
+    name: &str,
+) -> Result<()> {
+    let mut cfg = ServerConfig::new(data_dir.to_path_buf());
+    cfg.database_url = database;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let store = Store::open(&cfg.database_url()).await?;
+    let token = crate::api::create_token(&store, role, name).await?;
+    println!("{token}");
+    Ok(())
+}
+
+/// An admin API client.
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(server: &str, token: &str) -> Result<Client> {
+        if token.is_empty() {
+            bail!("no token given (use --token or TWINROOT_TOKEN)");
+        }
+        Ok(Client {
+            base: server.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder()
+                .build()
+                .context("cannot build HTTP client")?,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("{what}: cannot reach {}", self.base))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
+        if !status.is_success() {
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or(body);
+            bail!("{what}: server answered {status}: {msg}");
+        }
+        Ok(value)
+    }
+
+    pub async fn get(&self, path: &str, what: &str) -> Result<Value> {
+        self.send(self.http.get(self.url(path)), what).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, what: &str) -> Result<Value> {
+        self.send(self.http.post(self.url(path)).json(body), what)
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value, what: &str) -> Result<Value> {
+        self.send(self.http.put(self.url(path)).json(body), what)
+            .await
+    }
+
+    pub async fn upload(&self, file: &Path) -> Result<Value> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot open bundle {}", file.display()))?;
+        let len = f.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+        self.send(
+            self.http
+                .post(self.url("/releases"))
+                .header("content-type", "application/octet-stream")
+                .header("content-length", len)
+                .body(body),
+            &format!("upload {}", file.display()),
+        )
+        .await
+    }
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        None | Some(Value::Null) => "-".to_string(),
+        Some(Value::String(x)) => x.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn print_table(rows: &[Value], columns: &[&str]) {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| s(r, c)).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |vals: Vec<String>| {
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
+    for r in cells {
+        println!("{}", line(r));
+    }
+}
+
+pub async fn release_upload(c: &Client, file: &Path) -> Result<()> {
+    let v = c.upload(file).await?;
+    println!(
+        "release {} stored (sha256 {}, {} bytes)",
+        s(&v, "version"),
+        s(&v, "sha256"),
+        s(&v, "size")
+    );
+    Ok(())
+}
+
+pub async fn release_list(c: &Client, json: bool) -> Result<()> {
+    let v = c.get("/releases", "list releases").await?;
+    if json {
+        print_json(&v);
+    } else {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        print_table(&rows, &["version", "channels", "size", "sha256"]);
+    }
+    Ok(())
+}
+
+pub async fn release_promote(c: &Client, version: &str, channel: &str, force: bool) -> Result<()> {
+    c.post(
+        &format!("/releases/{version}/promote"),
+        &serde_json::json!({"channel": channel, "force": force}),
+        &format!("promote {version} to {channel}"),
+    )
+    .await?;
+    println!("release {version} now on {channel}");
+    Ok(())
+}
+
+/// Command-line form of a policy; `--policy-json` replaces all of it.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyFlags {
+    pub policy_json: Option<String>,
+    pub start_percent: Option<f64>,
+    pub ramp_secs: Option<i64>,
+    /// "SECS:PERCENT,SECS:PERCENT"
+    pub steps: Option<String>,
+    pub max_grants: Option<u64>,
+    pub period_secs: Option<i64>,
+    pub max_in_flight: Option<u64>,
+    pub in_flight_timeout_secs: Option<i64>,
+    /// "mon,tue@02:00+120@Europe/Berlin"
+    pub windows: Vec<String>,
+    pub halt_failure_percent: Option<f64>,
+    pub halt_min_reports: Option<u64>,
+    pub pin: Option<String>,
+}
+
+impl PolicyFlags {
+    pub fn to_policy(&self) -> Result<RolloutPolicy> {
+        if let Some(j) = &self.policy_json {
+            return serde_json::from_str(j).context("--policy-json is not a valid policy");
+        }
+        let mut p = RolloutPolicy::default();
+        if let Some(x) = self.start_percent {
+            p.start_percent = x;
+        }
+        if let Some(d) = self.ramp_secs {
+            p.ramp = Ramp::Linear { duration_secs: d };
+        }
+        if let Some(steps) = &self.steps {
+            let steps = steps
+                .split(',')
+                .map(|st| {
+                    let (a, b) = st
+                        .split_once(':')
+                        .with_context(|| format!("step {st:?} is not SECS:PERCENT"))?;
+                    Ok(Step {
+                        after_secs: a.trim().parse().with_context(|| format!("step {st:?}"))?,
+                        percent: b.trim().parse().with_context(|| format!("step {st:?}"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            p.ramp = Ramp::Steps { steps };
+        }
+        if let Some(m) = self.max_grants {
+            p.rate_limit = Some(RateLimit {
+                max_grants: m,
+                period_secs: self.period_secs.unwrap_or(3600),
+            });
+        }
+        p.max_in_flight = self.max_in_flight;
+        if let Some(t) = self.in_flight_timeout_secs {
+            p.in_flight_timeout_secs = t;
+        }
+        for w in &self.windows {
+            p.windows.push(parse_window(w)?);
+        }
+        if let Some(f) = self.halt_failure_percent {
+            p.halt = Some(HaltRule {
+                max_failure_percent: f,
+                min_reports: self.halt_min_reports.unwrap_or(1),
+            });
+        }
+        p.pin = self.pin.clone();
+        p.validate()
+            .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+        Ok(p)
+    }
+}
+
+/// "DAYS@HH:MM+MINUTES@TZ", e.g. "mon,tue,wed@02:00+120@Europe/Berlin".
+pub fn parse_window(s: &str) -> Result<MaintenanceWindow> {
+    let parts: Vec<&str> = s.split('@').collect();
+    let [days, time, tz] = parts[..] else {
+        bail!("window {s:?} is not DAYS@HH:MM+MINUTES@TIMEZONE");
+    };
+    let (start, len) = time
+        .split_once('+')
+        .with_context(|| format!("window {s:?} lacks +MINUTES"))?;
+    Ok(MaintenanceWindow {
+        days: days.split(',').map(|d| d.trim().to_lowercase()).collect(),
+        start: start.to_string(),
+        length_minutes: len
+            .parse()
+            .with_context(|| format!("window {s:?}: minutes"))?,
+        time_zone: tz.to_string(),
+    })
+}
+
+pub async fn rollout_set(
+    c: &Client,
+    channel: &str,
+    group: Option<&str>,
+    flags: &PolicyFlags,
+) -> Result<()> {
+    let policy = flags.to_policy()?;
+    let v = c
+        .put(
+            &format!("/rollouts/{channel}"),
+            &serde_json::json!({"group": group, "policy": policy}),
+            &format!("set rollout {channel}"),
+        )
+        .await?;
+    print_rollout(&v);
+    Ok(())
+}
+
+pub async fn rollout_pause(
+    c: &Client,
+    channel: &str,
+    group: Option<&str>,
+    reason: Option<&str>,
+    pause: bool,
+) -> Result<()> {
+    let what = if pause { "pause" } else { "resume" };
+    let v = c
+        .post(
+            &format!("/rollouts/{channel}/{what}"),
+            &serde_json::json!({"group": group, "reason": reason}),
+            &format!("{what} rollout {channel}"),
+        )
+        .await?;
+    print_rollout(&v);
+    Ok(())
+}
+
+pub async fn rollout_show(
+    c: &Client,
+    channel: &str,
+    group: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let q = group.map(|g| format!("?group={g}")).unwrap_or_default();
+    let v = c
+        .get(
+            &format!("/rollouts/{channel}{q}"),
+            &format!("show rollout {channel}"),
+        )
+        .await?;
+    if json {
+        print_json(&v);
+    } else {
+        print_rollout(&v);
+    }
+    Ok(())
+}
+
+fn print_rollout(v: &Value) {
+    let group = s(v, "group");
+    println!(
+        "rollout {}{}: release {} at {:.1}%{}",
+        s(v, "channel"),
+        if group.is_empty() || group == "-" {
+            String::new()
+        } else {
+            format!(" group {group}")
+        },
+        s(v, "release_version"),
+        v.get("current_percent")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        if v.get("paused").and_then(Value::as_bool) == Some(true) {
+            format!(", PAUSED ({})", s(v, "pause_reason"))
+        } else {
+            String::new()
+        }
+    );
+    if let Some(p) = v.get("policy") {
+        println!("policy: {}", serde_json::to_string(p).unwrap_or_default());
+    }
+}
+
+pub async fn instances(
+    c: &Client,
+    channel: Option<&str>,
+    version: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let mut q = Vec::new();
+    if let Some(ch) = channel {
+        q.push(format!("channel={ch}"));
+    }
+    if let Some(v) = version {
+        q.push(format!("version={v}"));
+    }
+    let path = if q.is_empty() {
+        "/instances".to_string()
+    } else {
+        format!("/instances?{}", q.join("&"))
+    };
+    let v = c.get(&path, "list instances").await?;
+    if json {
+        print_json(&v);
+    } else {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        print_table(
+            &rows,
+            &[
+                "machine_id",
+                "channel",
+                "group",
+                "version",
+                "status",
+                "target_version",
+                "error_code",
+            ],
+        );
+    }
+    Ok(())
+}
+
+pub async fn activity(c: &Client, limit: i64, json: bool) -> Result<()> {
+    let v = c
+        .get(&format!("/activity?limit={limit}"), "list activity")
+        .await?;
+    if json {
+        print_json(&v);
+    } else {
+        for a in v.as_array().cloned().unwrap_or_default() {
+            let at = a.get("at").and_then(Value::as_i64).unwrap_or(0);
+            let when = chrono::DateTime::from_timestamp(at, 0)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            println!("{when}  {:<17} {}", s(&a, "kind"), s(&a, "message"));
+        }
+    }
+    Ok(())
+}
+
+/// Data directory default for a path argument.
+pub fn data_dir(p: &Path) -> PathBuf {
+    p.to_path_buf()
+}

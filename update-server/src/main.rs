@@ -1,0 +1,340 @@
+//! update-server command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use update_server::cli::{self, Client, PolicyFlags};
+use update_server::server::ServerConfig;
+use update_server::store::Role;
+
+#[derive(Parser)]
+#[command(
+    name = "update-server",
+    version,
+    about = "twinroot Omaha update server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Omaha endpoint, payloads, admin API and metrics.
+    Serve(ServeArgs),
+    /// Manage admin API tokens (direct database access).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Upload, list and promote releases.
+    Release {
+        #[command(subcommand)]
+        command: ReleaseCommand,
+    },
+    /// Show and change rollout policies.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// List hosts.
+    Instances {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the activity log, newest first.
+    Activity {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// sqlite://PATH or postgres://USER@HOST/DB (default: SQLite in the data dir).
+    #[arg(long, env = "TWINROOT_DATABASE_URL")]
+    database: Option<String>,
+    /// Keyring that release bundles must satisfy (uploads are refused without one).
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// Omaha app id served.
+    #[arg(long, default_value = twinroot_format::omaha::FLATCAR_APP_ID)]
+    app_id: String,
+    /// Payload base URL (CDN/object store holding SHA256.bundle files) instead of this server.
+    #[arg(long)]
+    payload_base_url: Option<String>,
+    /// This server's public URL, used in payload URLs (default: the request's Host header).
+    #[arg(long)]
+    public_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (only its hash is stored).
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, env = "TWINROOT_DATABASE_URL")]
+        database: Option<String>,
+        #[arg(long)]
+        role: Role,
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Server base URL.
+    #[arg(long, env = "TWINROOT_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Bearer token.
+    #[arg(
+        long,
+        env = "TWINROOT_TOKEN",
+        default_value = "",
+        hide_default_value = true
+    )]
+    token: String,
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        Client::new(&self.server, &self.token)
+    }
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Upload a signed bundle.
+    Upload {
+        #[command(flatten)]
+        conn: Conn,
+        file: PathBuf,
+    },
+    /// List releases.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote a release to a channel (alpha, then beta, then stable).
+    Promote {
+        #[command(flatten)]
+        conn: Conn,
+        version: String,
+        #[arg(long)]
+        channel: String,
+        /// Skip the channel order.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// The whole policy as JSON (overrides the other flags).
+    #[arg(long)]
+    policy_json: Option<String>,
+    #[arg(long)]
+    start_percent: Option<f64>,
+    /// Linear ramp from start_percent to 100 over this many seconds.
+    #[arg(long)]
+    ramp_secs: Option<i64>,
+    /// Steps "SECS:PERCENT,SECS:PERCENT".
+    #[arg(long)]
+    steps: Option<String>,
+    #[arg(long)]
+    max_grants: Option<u64>,
+    #[arg(long)]
+    period_secs: Option<i64>,
+    #[arg(long)]
+    max_in_flight: Option<u64>,
+    #[arg(long)]
+    in_flight_timeout_secs: Option<i64>,
+    /// Maintenance window "DAYS@HH:MM+MINUTES@TIMEZONE" (repeatable).
+    #[arg(long = "window")]
+    windows: Vec<String>,
+    #[arg(long)]
+    halt_failure_percent: Option<f64>,
+    #[arg(long)]
+    halt_min_reports: Option<u64>,
+    /// Serve this release instead of the channel's (may be a downgrade).
+    #[arg(long)]
+    pin: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Set a channel's policy (or a group override with --group).
+    Set {
+        #[command(flatten)]
+        conn: Conn,
+        channel: String,
+        #[arg(long)]
+        group: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    Pause {
+        #[command(flatten)]
+        conn: Conn,
+        channel: String,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Resume {
+        #[command(flatten)]
+        conn: Conn,
+        channel: String,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        channel: String,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("update-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(a) => {
+            let mut cfg = ServerConfig::new(a.data_dir);
+            cfg.database_url = a.database;
+            cfg.keyring = a.keyring;
+            cfg.app_id = a.app_id;
+            cfg.payload_base_url = a.payload_base_url;
+            cfg.public_url = a.public_url;
+            cli::serve(a.listen, cfg).await
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    data_dir,
+                    database,
+                    role,
+                    name,
+                },
+        } => cli::token_create(&data_dir, database, role, &name).await,
+        Command::Release { command } => match command {
+            ReleaseCommand::Upload { conn, file } => {
+                cli::release_upload(&conn.client()?, &file).await
+            }
+            ReleaseCommand::List { conn, json } => cli::release_list(&conn.client()?, json).await,
+            ReleaseCommand::Promote {
+                conn,
+                version,
+                channel,
+                force,
+            } => cli::release_promote(&conn.client()?, &version, &channel, force).await,
+        },
+        Command::Rollout { command } => match command {
+            RolloutCommand::Set {
+                conn,
+                channel,
+                group,
+                policy: p,
+            } => {
+                let flags = PolicyFlags {
+                    policy_json: p.policy_json,
+                    start_percent: p.start_percent,
+                    ramp_secs: p.ramp_secs,
+                    steps: p.steps,
+                    max_grants: p.max_grants,
+                    period_secs: p.period_secs,
+                    max_in_flight: p.max_in_flight,
+                    in_flight_timeout_secs: p.in_flight_timeout_secs,
+                    windows: p.windows,
+                    halt_failure_percent: p.halt_failure_percent,
+                    halt_min_reports: p.halt_min_reports,
+                    pin: p.pin,
+                };
+                cli::rollout_set(&conn.client()?, &channel, group.as_deref(), &flags).await
+            }
+            RolloutCommand::Pause {
+                conn,
+                channel,
+                group,
+                reason,
+            } => {
+                cli::rollout_pause(
+                    &conn.client()?,
+                    &channel,
+                    group.as_deref(),
+                    reason.as_deref(),
+                    true,
+                )
+                .await
+            }
+            RolloutCommand::Resume {
+                conn,
+                channel,
+                group,
+            } => cli::rollout_pause(&conn.client()?, &channel, group.as_deref(), None, false).await,
+            RolloutCommand::Show {
+                conn,
+                channel,
+                group,
+                json,
+            } => cli::rollout_show(&conn.client()?, &channel, group.as_deref(), json).await,
+        },
+        Command::Instances {
+            conn,
+            channel,
+            version,
+            json,
+        } => {
+            cli::instances(
+                &conn.client()?,
+                channel.as_deref(),
+                version.as_deref(),
+                json,
+            )
+            .await
+        }
+        Command::Activity { conn, limit, json } => {
+            cli::activity(&conn.client()?, limit, json).await
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The HTTP server: Omaha endpoint, payloads, admin API, metrics.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use twinroot_format::keyring::Keyring;
+use twinroot_format::omaha;
+
+use crate::checkin::{self, OmahaConfig};
+use crate::store::Store;
+use crate::{api, metrics, payload, release};
+
+/// Largest Omaha request body accepted.
+pub const MAX_OMAHA_BODY: usize = 64 * 1024;
+/// Largest JSON body accepted by the admin API.
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Defaults to `sqlite://DATA_DIR/server.db`.
+    pub database_url: Option<String>,
+    /// Uploads are refused without one.
+    pub keyring: Option<PathBuf>,
+    pub app_id: String,
+    /// Serve payloads from here (a CDN or object store holding `SHA256.bundle` files) instead of
+    /// from this server.
+    pub payload_base_url: Option<String>,
+    /// This server's public URL, for payload URLs (default: from the request's Host header).
+    pub public_url: Option<String>,
+    /// Largest bundle upload accepted.
+    pub max_upload_bytes: u64,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            database_url: None,
+            keyring: None,
+            app_id: omaha::FLATCAR_APP_ID.to_string(),
+            payload_base_url: None,
+            public_url: None,
+            max_upload_bytes: 16 << 30,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("server.db").display()
+            )
+        })
+    }
+}
+
+/// Process-local counters (the fleet's numbers come from the database).
+#[derive(Default)]
+pub struct Counters {
+    pub checkins: AtomicU64,
+    pub grants: AtomicU64,
+    pub events: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub halts: AtomicU64,
+}
+
+pub struct AppState {
+    pub store: Store,
+    pub config: ServerConfig,
+    pub keyring: Option<Keyring>,
+    pub omaha: OmahaConfig,
+    pub counters: Counters,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Opens the store and keyring for a configuration.
+pub async fn open_state(config: ServerConfig) -> Result<Shared> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    release::ensure_dirs(&config.data_dir)?;
+    let store = Store::open(&config.database_url()).await?;
+    let keyring = match &config.keyring {
+        Some(p) => {
+            Some(Keyring::load(p).with_context(|| format!("cannot load keyring {}", p.display()))?)
+        }
+        None => None,
+    };
+    Ok(Arc::new(AppState {
+        store,
+        omaha: OmahaConfig {
+            app_id: config.app_id.clone(),
+            server_name: "twinroot-update-server".to_string(),
+        },
+        config,
+        keyring,
+        counters: Counters::default(),
+    }))
+}
+
+pub fn router(state: Shared) -> Router {
+    let omaha_routes = Router::new()
+        .route("/v1/update/", post(omaha_endpoint))
+        .route("/v1/update", post(omaha_endpoint))
+        .layer(DefaultBodyLimit::max(MAX_OMAHA_BODY));
+    Router::new()
+        .merge(omaha_routes)
+        .route(
+            "/v1/payload/{name}",
+            get(payload::serve).head(payload::serve),
+        )
+        .route("/metrics", get(metrics::endpoint))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .nest("/api/v1", api::router(state.clone()))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationToken) -> Result<()> {
+    let app = router(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+    .context("HTTP server failed")
+}
+
+fn xml_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// The payload URL prefix for this request.
+pub fn codebase(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(base) = &state.config.payload_base_url {
+        return with_slash(base);
+    }
+    let public = match &state.config.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| {
+                    h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                })
+                .unwrap_or("localhost");
+            format!("http://{host}")
+        }
+    };
+    format!("{public}/v1/payload/")
+}
+
+fn with_slash(s: &str) -> String {
+    if s.ends_with('/') {
+        s.to_string()
+    } else {
+        format!("{s}/")
+    }
+}
+
+async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    state.counters.checkins.fetch_add(1, Ordering::Relaxed);
+    let req = match omaha::Request::parse(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            state.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return xml_error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let base = codebase(&state, &headers);
+    match checkin::handle(&state.store, &state.omaha, &req, &base, chrono::Utc::now()).await {
+        Ok((resp, summary)) => {
+            let c = &state.counters;
+            c.grants
+                .fetch_add(u64::from(summary.granted), Ordering::Relaxed);
+            c.events
+                .fetch_add(u64::from(summary.events), Ordering::Relaxed);
+            c.halts
+                .fetch_add(summary.halted.len() as u64, Ordering::Relaxed);
+            xml_response(StatusCode::OK, resp.to_xml())
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "check-in failed");
+            xml_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server could not record this check-in; retry later",
+            )
+        }
+    }
+}
+
+fn xml_error(status: StatusCode, message: &str) -> Response {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<error>{}</error>\n",
+        quick_escape(message)
+    );
+    xml_response(status, body)
+}
+
+fn quick_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A JSON error body `{"error": "..."}` with a status.
+pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": message.into() })),
+    )
+        .into_response()
+}
+
+pub fn empty(status: StatusCode) -> Response {
+    Response::builder()
+        .status(status)
+        .body(Body::empty())
+        .expect("static response")
+}

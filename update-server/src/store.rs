@@ -1,0 +1,955 @@
+//! Persistent state: SQLite (WAL) by default, PostgreSQL through the same code and schema.
+//!
+//! Every write that a client is told about happens in a committed transaction before the answer
+//! is sent. The counts that rollout decisions depend on are read from the database inside the
+//! transaction that records the grant; on PostgreSQL that transaction first locks the rollout row,
+//! so several server processes sharing one database serialize their grants.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
+
+use crate::policy::{RolloutCounts, RolloutPolicy};
+
+/// Channels that exist from the start, in promotion order.
+pub const DEFAULT_CHANNELS: [&str; 3] = ["alpha", "beta", "stable"];
+
+/// Statuses that count as "granted but not finished".
+pub const IN_FLIGHT_STATUSES: &str = "('granted','downloading','downloaded','installed')";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+pub type Tx = Transaction<'static, Any>;
+
+/// Schema migrations, applied in order; `{ID}` becomes the backend's auto-increment key.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE releases (
+    version TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    sha1_base64 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    salt TEXT NOT NULL,
+    board TEXT,
+    min_source_version TEXT,
+    created_unix BIGINT NOT NULL,
+    uploaded_at BIGINT NOT NULL
+);
+CREATE TABLE channels (
+    name TEXT PRIMARY KEY,
+    position BIGINT NOT NULL,
+    release_version TEXT,
+    promoted_at BIGINT
+);
+CREATE TABLE promotions (
+    id {ID},
+    version TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    forced BIGINT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX promotions_version ON promotions (version, channel);
+CREATE TABLE rollouts (
+    channel TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    paused BIGINT NOT NULL,
+    pause_reason TEXT,
+    auto_halted BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    PRIMARY KEY (channel, grp)
+);
+CREATE TABLE instances (
+    machine_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    rollout_grp TEXT NOT NULL,
+    version TEXT,
+    board TEXT,
+    boot_id TEXT,
+    status TEXT NOT NULL,
+    error_code BIGINT,
+    target_version TEXT,
+    granted_at BIGINT,
+    outcome TEXT,
+    outcome_version TEXT,
+    failed_version TEXT,
+    first_seen BIGINT NOT NULL,
+    last_seen BIGINT NOT NULL,
+    checkins BIGINT NOT NULL
+);
+CREATE INDEX instances_rollout ON instances (channel, rollout_grp, target_version, status);
+CREATE INDEX instances_outcome ON instances (channel, rollout_grp, outcome_version, outcome);
+CREATE TABLE grants (
+    id {ID},
+    machine_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    version TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX grants_at ON grants (channel, grp, at);
+CREATE TABLE status_history (
+    id {ID},
+    at BIGINT NOT NULL,
+    machine_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    version TEXT,
+    target_version TEXT,
+    status TEXT NOT NULL,
+    event_type BIGINT,
+    event_result BIGINT,
+    error_code BIGINT
+);
+CREATE INDEX status_history_at ON status_history (at);
+CREATE INDEX status_history_machine ON status_history (machine_id, at);
+CREATE TABLE activity (
+    id {ID},
+    at BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    channel TEXT,
+    grp TEXT,
+    version TEXT,
+    message TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    id {ID},
+    hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+"#];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseRow {
+    pub version: String,
+    pub sha256: String,
+    pub sha1_base64: String,
+    pub size: i64,
+    pub salt: String,
+    pub board: Option<String>,
+    pub min_source_version: Option<String>,
+    pub created_unix: i64,
+    pub uploaded_at: i64,
+    /// Channels currently serving it.
+    pub channels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelRow {
+    pub name: String,
+    pub position: i64,
+    pub release_version: Option<String>,
+    pub promoted_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutRow {
+    pub channel: String,
+    pub group: String,
+    pub policy: RolloutPolicy,
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+    pub auto_halted: bool,
+    pub started_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InstanceRow {
+    pub machine_id: String,
+    pub app_id: String,
+    pub channel: String,
+    pub group: String,
+    pub rollout_group: String,
+    pub version: Option<String>,
+    pub board: Option<String>,
+    pub boot_id: Option<String>,
+    pub status: String,
+    pub error_code: Option<i64>,
+    pub target_version: Option<String>,
+    pub granted_at: Option<i64>,
+    pub outcome: Option<String>,
+    pub outcome_version: Option<String>,
+    pub failed_version: Option<String>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub checkins: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivityRow {
+    pub id: i64,
+    pub at: i64,
+    pub kind: String,
+    pub channel: Option<String>,
+    pub group: Option<String>,
+    pub version: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRow {
+    pub at: i64,
+    pub machine_id: String,
+    pub channel: String,
+    pub group: String,
+    pub version: Option<String>,
+    pub target_version: Option<String>,
+    pub status: String,
+    pub event_type: Option<i64>,
+    pub event_result: Option<i64>,
+    pub error_code: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Viewer,
+}
+
+impl FromStr for Role {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Role> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "viewer" => Ok(Role::Viewer),
+            _ => bail!("role {s:?} is unknown (expected admin or viewer)"),
+        }
+    }
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+fn instance_from_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, sqlx::Error> {
+    Ok(InstanceRow {
+        machine_id: r.try_get("machine_id")?,
+        app_id: r.try_get("app_id")?,
+        channel: r.try_get("channel")?,
+        group: r.try_get("grp")?,
+        rollout_group: r.try_get("rollout_grp")?,
+        version: r.try_get("version")?,
+        board: r.try_get("board")?,
+        boot_id: r.try_get("boot_id")?,
+        status: r.try_get("status")?,
+        error_code: r.try_get("error_code")?,
+        target_version: r.try_get("target_version")?,
+        granted_at: r.try_get("granted_at")?,
+        outcome: r.try_get("outcome")?,
+        outcome_version: r.try_get("outcome_version")?,
+        failed_version: r.try_get("failed_version")?,
+        first_seen: r.try_get("first_seen")?,
+        last_seen: r.try_get("last_seen")?,
+        checkins: r.try_get("checkins")?,
+    })
+}
+
+fn rollout_from_row(r: &sqlx::any::AnyRow) -> Result<RolloutRow> {
+    let policy: String = r.try_get("policy")?;
+    Ok(RolloutRow {
+        channel: r.try_get("channel")?,
+        group: r.try_get("grp")?,
+        policy: serde_json::from_str(&policy).context("stored rollout policy is not valid JSON")?,
+        paused: r.try_get::<i64, _>("paused")? != 0,
+        pause_reason: r.try_get("pause_reason")?,
+        auto_halted: r.try_get::<i64, _>("auto_halted")? != 0,
+        started_at: r.try_get("started_at")?,
+    })
+}
+
+const INSTANCE_COLUMNS: &str = "machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, failed_version, first_seen, last_seen, checkins";
+
+impl Store {
+    /// Opens (creating if needed) the database and applies migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            bail!("database URL {url:?} is neither sqlite: nor postgres:");
+        };
+        let options = AnyConnectOptions::from_str(url)
+            .with_context(|| format!("database URL {url:?} is invalid"))?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                // One connection: SQLite has one writer anyway, and this way no transaction ever
+                // meets SQLITE_BUSY from another connection of ours.
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::raw_sql(
+                                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;",
+                            )
+                            .execute(conn)
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(options)
+                    .await
+            }
+        }
+        .with_context(|| format!("cannot open database {}", redact(url)))?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            // Several servers may start at once against one database.
+            sqlx::query("SELECT pg_advisory_xact_lock(7301)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<i64> = sqlx::query("SELECT MAX(version) AS v FROM schema_version")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("v")?;
+        let current = current.unwrap_or(0);
+        if current > MIGRATIONS.len() as i64 {
+            bail!(
+                "database schema version {current} is newer than this server knows ({}); upgrade the server",
+                MIGRATIONS.len()
+            );
+        }
+        let id = match self.backend {
+            Backend::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+        };
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            for stmt in m.replace("{ID}", id).split(';').map(str::to_string) {
+                if stmt.trim().is_empty() {
+                    continue;
+                }
+                sqlx::query(AssertSqlSafe(stmt))
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("schema migration {} failed", i + 1))?;
+            }
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(i as i64 + 1)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let now = chrono::Utc::now().timestamp();
+        let default_policy = serde_json::to_string(&RolloutPolicy::default())?;
+        for (pos, name) in DEFAULT_CHANNELS.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO channels (name, position) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(*name)
+            .bind(pos as i64)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at) VALUES ($1, '', $2, 0, 0, $3) ON CONFLICT (channel, grp) DO NOTHING",
+            )
+            .bind(*name)
+            .bind(&default_policy)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(self.pool.begin().await?)
+    }
+
+    // ---- tokens -------------------------------------------------------------------------------
+
+    pub async fn insert_token(&self, hash: &str, role: Role, name: &str, now: i64) -> Result<()> {
+        sqlx::query("INSERT INTO tokens (hash, role, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash)
+            .bind(role.as_str())
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn token_role(&self, hash: &str) -> Result<Option<Role>> {
+        let row = sqlx::query("SELECT role FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some(r.try_get::<String, _>("role")?.parse()?)),
+        }
+    }
+
+    // ---- releases and channels ----------------------------------------------------------------
+
+    pub async fn insert_release(&self, r: &ReleaseRow) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO releases (version, sha256, sha1_base64, size, salt, board, min_source_version, created_unix, uploaded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (version) DO NOTHING",
+        )
+        .bind(&r.version)
+        .bind(&r.sha256)
+        .bind(&r.sha1_base64)
+        .bind(r.size)
+        .bind(&r.salt)
+        .bind(r.board.clone())
+        .bind(r.min_source_version.clone())
+        .bind(r.created_unix)
+        .bind(r.uploaded_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    fn release_from_row(r: &sqlx::any::AnyRow) -> Result<ReleaseRow, sqlx::Error> {
+        Ok(ReleaseRow {
+            version: r.try_get("version")?,
+            sha256: r.try_get("sha256")?,
+            sha1_base64: r.try_get("sha1_base64")?,
+            size: r.try_get("size")?,
+            salt: r.try_get("salt")?,
+            board: r.try_get("board")?,
+            min_source_version: r.try_get("min_source_version")?,
+            created_unix: r.try_get("created_unix")?,
+            uploaded_at: r.try_get("uploaded_at")?,
+            channels: Vec::new(),
+        })
+    }
+
+    pub async fn release(&self, version: &str) -> Result<Option<ReleaseRow>> {
+        let row = sqlx::query("SELECT * FROM releases WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+    }
+
+    pub async fn release_in(tx: &mut Tx, version: &str) -> Result<Option<ReleaseRow>> {
+        let row = sqlx::query("SELECT * FROM releases WHERE version = $1")
+            .bind(version)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+    }
+
+    pub async fn release_by_sha256(&self, sha256: &str) -> Result<Option<ReleaseRow>> {
+        let row = sqlx::query("SELECT * FROM releases WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+    }
+
+    pub async fn releases(&self) -> Result<Vec<ReleaseRow>> {
+        let rows = sqlx::query("SELECT * FROM releases ORDER BY uploaded_at, version")
+            .fetch_all(&self.pool)
+            .await?;
+        let channels = self.channels().await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let mut rel = Self::release_from_row(&r)?;
+            rel.channels = channels
+                .iter()
+                .filter(|c| c.release_version.as_deref() == Some(rel.version.as_str()))
+                .map(|c| c.name.clone())
+                .collect();
+            out.push(rel);
+        }
+        Ok(out)
+    }
+
+    pub async fn channels(&self) -> Result<Vec<ChannelRow>> {
+        let rows = sqlx::query("SELECT * FROM channels ORDER BY position, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChannelRow {
+                    name: r.try_get("name")?,
+                    position: r.try_get("position")?,
+                    release_version: r.try_get("release_version")?,
+                    promoted_at: r.try_get("promoted_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn channel_in(tx: &mut Tx, name: &str) -> Result<Option<ChannelRow>> {
+        let row = sqlx::query("SELECT * FROM channels WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.map(|r| {
+            Ok(ChannelRow {
+                name: r.try_get("name")?,
+                position: r.try_get("position")?,
+                release_version: r.try_get("release_version")?,
+                promoted_at: r.try_get("promoted_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn was_promoted_to(tx: &mut Tx, version: &str, channel: &str) -> Result<bool> {
+        let n: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM promotions WHERE version = $1 AND channel = $2")
+                .bind(version)
+                .bind(channel)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?;
+        Ok(n > 0)
+    }
+
+    // ---- rollouts -----------------------------------------------------------------------------
+
+    /// The rollout row for (channel, group), with `FOR UPDATE` on PostgreSQL so concurrent
+    /// grant decisions on other servers wait for this transaction.
+    pub async fn rollout_locked(
+        &self,
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+    ) -> Result<Option<RolloutRow>> {
+        let sql = match self.backend {
+            Backend::Sqlite => "SELECT * FROM rollouts WHERE channel = $1 AND grp = $2",
+            Backend::Postgres => {
+                "SELECT * FROM rollouts WHERE channel = $1 AND grp = $2 FOR UPDATE"
+            }
+        };
+        let row = sqlx::query(sql)
+            .bind(channel)
+            .bind(group)
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.map(|r| rollout_from_row(&r)).transpose()
+    }
+
+    /// Whether a group override exists (else the group follows the channel's rollout).
+    pub async fn has_group_rollout(tx: &mut Tx, channel: &str, group: &str) -> Result<bool> {
+        if group.is_empty() {
+            return Ok(false);
+        }
+        let n: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM rollouts WHERE channel = $1 AND grp = $2")
+                .bind(channel)
+                .bind(group)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?;
+        Ok(n > 0)
+    }
+
+    pub async fn rollouts(&self, channel: Option<&str>) -> Result<Vec<RolloutRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM rollouts WHERE ($1 = '' OR channel = $1) ORDER BY channel, grp",
+        )
+        .bind(channel.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rollout_from_row).collect()
+    }
+
+    pub async fn upsert_rollout_policy(
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+        policy: &RolloutPolicy,
+        started_at: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at) VALUES ($1, $2, $3, 0, 0, $4) ON CONFLICT (channel, grp) DO UPDATE SET policy = excluded.policy",
+        )
+        .bind(channel)
+        .bind(group)
+        .bind(serde_json::to_string(policy)?)
+        .bind(started_at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_paused(
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+        reason: Option<&str>,
+        auto: bool,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE rollouts SET paused = $1, pause_reason = $2, auto_halted = $3 WHERE channel = $4 AND grp = $5",
+        )
+        .bind(i64::from(reason.is_some()))
+        .bind(reason.map(str::to_string))
+        .bind(i64::from(auto))
+        .bind(channel)
+        .bind(group)
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Counts for a rollout's decision, read inside the deciding transaction.
+    pub async fn counts(
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+        version: &str,
+        policy: &RolloutPolicy,
+        now: i64,
+    ) -> Result<RolloutCounts> {
+        let period = policy.rate_limit.as_ref().map_or(0, |r| r.period_secs);
+        let grants: i64 = if policy.rate_limit.is_some() {
+            sqlx::query(
+                "SELECT COUNT(*) AS n FROM grants WHERE channel = $1 AND grp = $2 AND at > $3",
+            )
+            .bind(channel)
+            .bind(group)
+            .bind(now - period)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("n")?
+        } else {
+            0
+        };
+        let in_flight: i64 = if policy.max_in_flight.is_some() {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND target_version = $3 AND status IN {IN_FLIGHT_STATUSES} AND granted_at > $4"
+            )))
+            .bind(channel)
+            .bind(group)
+            .bind(version)
+            .bind(now - policy.in_flight_timeout_secs)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("n")?
+        } else {
+            0
+        };
+        let (successes, failures) = if policy.halt.is_some() {
+            let rows = sqlx::query(
+                "SELECT outcome, COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND outcome_version = $3 AND outcome IS NOT NULL GROUP BY outcome",
+            )
+            .bind(channel)
+            .bind(group)
+            .bind(version)
+            .fetch_all(&mut **tx)
+            .await?;
+            let mut s = 0i64;
+            let mut f = 0i64;
+            for r in rows {
+                let outcome: String = r.try_get("outcome")?;
+                let n: i64 = r.try_get("n")?;
+                if outcome == "success" {
+                    s = n;
+                } else if outcome == "failure" {
+                    f = n;
+                }
+            }
+            (s, f)
+        } else {
+            (0, 0)
+        };
+        Ok(RolloutCounts {
+            grants_in_period: grants as u64,
+            in_flight: in_flight as u64,
+            successes: successes as u64,
+            failures: failures as u64,
+        })
+    }
+
+    pub async fn insert_grant(
+        tx: &mut Tx,
+        machine_id: &str,
+        channel: &str,
+        group: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO grants (machine_id, channel, grp, version, at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(machine_id)
+        .bind(channel)
+        .bind(group)
+        .bind(version)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    // ---- instances ----------------------------------------------------------------------------
+
+    pub async fn instance_in(tx: &mut Tx, machine_id: &str) -> Result<Option<InstanceRow>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE machine_id = $1"
+        )))
+        .bind(machine_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(row.map(|r| instance_from_row(&r)).transpose()?)
+    }
+
+    pub async fn upsert_instance(tx: &mut Tx, i: &InstanceRow) -> Result<()> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+             ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
+             rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
+             status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
+             granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version,
+             failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
+        )))
+        .bind(&i.machine_id)
+        .bind(&i.app_id)
+        .bind(&i.channel)
+        .bind(&i.group)
+        .bind(&i.rollout_group)
+        .bind(i.version.clone())
+        .bind(i.board.clone())
+        .bind(i.boot_id.clone())
+        .bind(&i.status)
+        .bind(i.error_code)
+        .bind(i.target_version.clone())
+        .bind(i.granted_at)
+        .bind(i.outcome.clone())
+        .bind(i.outcome_version.clone())
+        .bind(i.failed_version.clone())
+        .bind(i.first_seen)
+        .bind(i.last_seen)
+        .bind(i.checkins)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn instances(
+        &self,
+        channel: Option<&str>,
+        version: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ($1 = '' OR channel = $1) AND ($2 = '' OR version = $2) AND ($3 = '' OR grp = $3) ORDER BY machine_id LIMIT 100000"
+        )))
+        .bind(channel.unwrap_or(""))
+        .bind(version.unwrap_or(""))
+        .bind(group.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(instance_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub async fn insert_history(tx: &mut Tx, h: &HistoryRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO status_history (at, machine_id, channel, grp, version, target_version, status, event_type, event_result, error_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(h.at)
+        .bind(&h.machine_id)
+        .bind(&h.channel)
+        .bind(&h.group)
+        .bind(h.version.clone())
+        .bind(h.target_version.clone())
+        .bind(&h.status)
+        .bind(h.event_type)
+        .bind(h.event_result)
+        .bind(h.error_code)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn history(&self, machine_id: &str) -> Result<Vec<HistoryRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM status_history WHERE machine_id = $1 ORDER BY at, id LIMIT 10000",
+        )
+        .bind(machine_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HistoryRow {
+                    at: r.try_get("at")?,
+                    machine_id: r.try_get("machine_id")?,
+                    channel: r.try_get("channel")?,
+                    group: r.try_get("grp")?,
+                    version: r.try_get("version")?,
+                    target_version: r.try_get("target_version")?,
+                    status: r.try_get("status")?,
+                    event_type: r.try_get("event_type")?,
+                    event_result: r.try_get("event_result")?,
+                    error_code: r.try_get("error_code")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Status entries per time bucket: (bucket start, channel, status, count), for charts.
+    pub async fn status_timeline(
+        &self,
+        since: i64,
+        bucket_secs: i64,
+        channel: Option<&str>,
+    ) -> Result<Vec<(i64, String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT (at / $1) * $1 AS bucket, channel, status, COUNT(*) AS n FROM status_history WHERE at >= $2 AND ($3 = '' OR channel = $3) GROUP BY bucket, channel, status ORDER BY bucket, channel, status",
+        )
+        .bind(bucket_secs.max(1))
+        .bind(since)
+        .bind(channel.unwrap_or(""))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("bucket")?,
+                    r.try_get("channel")?,
+                    r.try_get("status")?,
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+
+    // ---- activity -----------------------------------------------------------------------------
+
+    pub async fn activity_in(
+        tx: &mut Tx,
+        now: i64,
+        kind: &str,
+        channel: Option<&str>,
+        group: Option<&str>,
+        version: Option<&str>,
+        message: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO activity (at, kind, channel, grp, version, message) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(now)
+        .bind(kind)
+        .bind(channel.map(str::to_string))
+        .bind(group.map(str::to_string))
+        .bind(version.map(str::to_string))
+        .bind(message)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn activity(&self, limit: i64) -> Result<Vec<ActivityRow>> {
+        let rows = sqlx::query("SELECT * FROM activity ORDER BY id DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ActivityRow {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    channel: r.try_get("channel")?,
+                    group: r.try_get("grp")?,
+                    version: r.try_get("version")?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- metrics ------------------------------------------------------------------------------
+
+    /// Rows of (labels..., count) for a GROUP BY query.
+    pub async fn grouped_counts(
+        &self,
+        sql: &str,
+        columns: usize,
+    ) -> Result<Vec<(Vec<String>, i64)>> {
+        let rows = sqlx::query(AssertSqlSafe(sql.to_string()))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let mut labels = Vec::with_capacity(columns);
+                for i in 0..columns {
+                    let v: Option<String> = r.try_get(i)?;
+                    labels.push(v.unwrap_or_default());
+                }
+                Ok((labels, r.try_get::<i64, _>(columns)?))
+            })
+            .collect()
+    }
+
+    pub async fn failures_since(&self, since: i64) -> Result<Vec<(Vec<String>, i64)>> {
+        let rows = sqlx::query(
+            "SELECT channel, grp, COUNT(*) AS n FROM status_history WHERE at >= $1 AND status IN ('error','rolled_back') GROUP BY channel, grp",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    vec![r.try_get("channel")?, r.try_get("grp")?],
+                    r.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// The URL without its password, for error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
