@@ -6,7 +6,8 @@
 //! 3. picks a slot with [`twinroot_format::slot::choose_boot`] (the same code the agent uses) and,
 //!    when the choice consumes a try, writes `tries - 1` to disk (fsync'd) *before* booting it;
 //! 4. mounts the slot read-only as the new root, a tmpfs on its /run with
-//!    `/run/twinroot/booted-slot` (`a` or `b`), and the STATE partition on its /state;
+//!    `/run/twinroot/booted-slot` (`a` or `b`) and the agent drop-in
+//!    `/run/twinroot/agent.d/10-booted-slot.toml` (`[agent] booted_slot = "a"`), and the STATE partition on its /state;
 //! 5. moves /dev, /proc and /sys into the new root and switches to it, running `/sbin/init` (or
 //!    `twinroot.init=`) with `TWINROOT_SLOT` in its environment.
 //!
@@ -35,6 +36,8 @@ pub const NO_SLOT_LINE: &str = "twinroot-boot: no bootable slot, halting";
 pub const BOOTING_PREFIX: &str = "twinroot-boot: booting slot ";
 /// The file, in the new root's /run, that tells userspace which slot booted (`a` or `b`).
 pub const BOOTED_SLOT_FILE: &str = "run/twinroot/booted-slot";
+/// Agent configuration drop-in, in the new root's /run, that sets `agent.booted_slot`.
+pub const AGENT_DROPIN: &str = "run/twinroot/agent.d/10-booted-slot.toml";
 /// Where the STATE partition is mounted in the new root.
 pub const STATE_MOUNT: &str = "state";
 
@@ -290,7 +293,18 @@ fn prepare_run(slot: SlotName) -> Result<()> {
     if let Some(dir) = file.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::write(&file, format!("{slot}\n")).with_context(|| format!("writing {}", file.display()))
+    fs::write(&file, format!("{slot}\n")).with_context(|| format!("writing {}", file.display()))?;
+    let dropin = Path::new(NEW_ROOT).join(AGENT_DROPIN);
+    if let Some(dir) = dropin.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(&dropin, agent_dropin(slot)).with_context(|| format!("writing {}", dropin.display()))
+}
+
+/// The update-agent configuration fragment naming the booted slot (the agent reads drop-ins
+/// from /run/twinroot/agent.d last, so this wins over the image's own config).
+pub fn agent_dropin(slot: SlotName) -> String {
+    format!("# written by twinroot-boot at boot\n[agent]\nbooted_slot = \"{slot}\"\n")
 }
 
 /// Mounts the STATE partition (ext4) on the new root's /state. A failure is reported, not fatal:
