@@ -3,7 +3,7 @@
 use crate::etcd_store::{EtcdConfig, EtcdStore, now_unix_ms};
 use crate::metrics::Metrics;
 use crate::semaphore::{Semaphore, SemaphoreConfig, SlotStore};
-use crate::server::{Coordinator, ServerConfig, SystemClock};
+use crate::server::{Coordinator, ServerConfig, SystemClock, TlsFiles};
 use crate::window::{RebootWindow, WindowSet};
 use anyhow::{Context, bail};
 use std::collections::HashMap;
@@ -73,6 +73,12 @@ pub struct ServeArgs {
     /// File holding the bearer token FleetLock clients must send.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain: serve HTTPS instead of HTTP (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 fn parse_group_slots(spec: &str) -> anyhow::Result<(String, u32)> {
@@ -121,8 +127,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let store = args.etcd.store().await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            for f in [cert, key] {
+                std::fs::metadata(f)
+                    .with_context(|| format!("reading TLS file {}", f.display()))?;
+            }
+            Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+        }
+        _ => None,
+    };
+    let listener = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
 
@@ -191,10 +209,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cancel.cancel();
         });
     }
-    println!("listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{addr}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, etcd = %args.etcd.etcd.join(","), "reboot-coordinator serving");
-    crate::server::run(listener, coordinator, cancel.clone()).await?;
+    match tls {
+        Some(tls) => crate::server::run_tls(listener, coordinator, &tls, cancel.clone()).await?,
+        None => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            crate::server::run(listener, coordinator, cancel.clone()).await?
+        }
+    }
     cancel.cancel();
     Ok(())
 }

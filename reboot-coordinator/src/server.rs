@@ -107,6 +107,49 @@ pub async fn run(
         .await
 }
 
+/// TLS material for [`run_tls`]: PEM certificate chain and private key files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Like [`run`], over HTTPS (rustls with the ring provider).
+pub async fn run_tls(
+    listener: std::net::TcpListener,
+    coordinator: Arc<Coordinator>,
+    tls: &TlsFiles,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // Ignore the error: another part of the process may have installed a provider already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "loading TLS certificate {} and key {}: {e}",
+                    tls.cert.display(),
+                    tls.key.display()
+                ),
+            )
+        })?;
+    listener.set_nonblocking(true)?;
+    let handle = axum_server::Handle::new();
+    {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+        });
+    }
+    axum_server::from_tcp_rustls(listener, config)?
+        .handle(handle)
+        .serve(router(coordinator).into_make_service())
+        .await
+}
+
 async fn not_found(State(c): State<Arc<Coordinator>>, uri: axum::http::Uri) -> Response {
     let failure = Failure(
         ErrorKind::NotFound,

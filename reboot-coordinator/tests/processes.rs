@@ -288,3 +288,148 @@ async fn admin_commands() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn tls_bearer_token_and_expiry_through_the_binary() {
+    let etcd = EtcdCluster::start_single().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A throwaway CA and a server certificate for 127.0.0.1 signed by it.
+    let ca_cert = dir.path().join("ca.pem");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=test CA"],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.path().join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let p = CoordinatorProcess::spawn(
+        &etcd.endpoints(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--lease-seconds",
+            "2",
+        ],
+    );
+    assert!(p.url.starts_with("https://127.0.0.1:"), "{}", p.url);
+    common::install_crypto();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca_cert).unwrap()).unwrap(),
+        )
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let post = |id: &str, auth: Option<&str>| {
+        let mut req = client
+            .post(format!("{}{PRE}", p.url))
+            .header("fleet-lock-protocol", "true")
+            .json(&twinroot_format::fleetlock::Request::new(id, "default"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move { common::answer(req.send().await.unwrap()).await }
+    };
+    assert_eq!(post("gone", None).await.kind(), "unauthorized");
+    assert_eq!(post("gone", Some("Bearer t0ken")).await.kind(), "ok");
+    assert_eq!(
+        post("next", Some("Bearer t0ken")).await.kind(),
+        "no_slot_available"
+    );
+    // "gone" never comes back: its 2 s lease expires and "next" gets the slot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = post("next", Some("Bearer t0ken")).await;
+        match a.kind() {
+            "ok" => break,
+            "no_slot_available" => assert!(Instant::now() < deadline, "slot never expired"),
+            other => panic!("unexpected {other}: {a:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The expiry shows in the metrics and in the activity log.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = client
+            .get(format!("{}/metrics", p.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.lines()
+            .any(|l| l == "reboot_coordinator_expiries_total 1")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expiry never counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, _) = run_cli(&["status", "--etcd", &etcd.endpoint(0)]);
+    assert!(ok);
+    assert!(out.contains("expired group=default id=gone"), "{out}");
+}

@@ -78,7 +78,13 @@ impl Answer {
     }
 }
 
+/// Installs the process-wide rustls provider reqwest needs (ring, as the server uses).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn http() -> reqwest::Client {
+    install_crypto();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
