@@ -1,0 +1,684 @@
+//! The apply path: verified, resumable, streaming install of a bundle into the inactive slot.
+//!
+//! Order of events (each step only after the previous one succeeded):
+//! 1. the bundle header is read and its signatures checked against the keyring;
+//! 2. the release is checked against policy (downgrade, board, quarantine, size);
+//! 3. the inactive slot is made unbootable (priority 0) — before its first byte is written;
+//! 4. the body is streamed through three threads: fetch + body hash, zstd decompression,
+//!    image hash + slot write; memory stays bounded by the channel depths and the zstd window;
+//! 5. the slot is synced, its cached pages dropped, and it is read back and hashed against the
+//!    signed image digest;
+//! 6. only then is the slot marked (priority above the other slot, `tries`, not successful).
+//!
+//! Resume: a cut connection is retried from the current body offset (Range) with the pipeline's
+//! state kept in memory. Across an agent restart, the pipeline state cannot be saved, so the agent
+//! checkpoints at zstd frame boundaries (body offset, image offset) after syncing the slot; on
+//! restart it re-hashes the slot's first `image_offset` bytes and continues the download from the
+//! body offset with a fresh decoder. The image digest (signed) still covers every byte.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use twinroot_format::bundle::{self, BundleError, MAX_WINDOW_LOG, VerifiedHeader};
+use twinroot_format::keyring::Keyring;
+use twinroot_format::manifest::Manifest;
+use twinroot_format::slot::{self, SlotAttrs, SlotName};
+
+use crate::error::{AgentError, AgentResult, ErrorKind};
+use crate::slots::{BootedSlot, SlotSink, SlotTable};
+use crate::state::{DownloadCheckpoint, PersistentState, StagedUpdate, StateStore};
+
+/// Body bytes read per chunk.
+const BODY_CHUNK: usize = 256 * 1024;
+/// Image bytes per chunk handed to the writer.
+const IMAGE_CHUNK: usize = 1024 * 1024;
+/// Chunks in flight between two stages.
+const QUEUE: usize = 4;
+/// Default image bytes between two persisted checkpoints.
+pub const CHECKPOINT_EVERY: u64 = 32 * 1024 * 1024;
+
+/// Where a bundle comes from: a file or an HTTP URL, opened at any byte offset.
+pub trait BundleSource: Send {
+    /// The URL or path (names the source in errors; identifies it in checkpoints).
+    fn describe(&self) -> String;
+    /// A reader of the bundle from `offset` to its end.
+    fn open_at(&mut self, offset: u64) -> AgentResult<Box<dyn Read + Send>>;
+    /// Whether a failed read is worth retrying (a network, not a local file).
+    fn retryable(&self) -> bool;
+}
+
+/// A bundle in a local file.
+pub struct FileSource {
+    pub path: std::path::PathBuf,
+}
+
+impl BundleSource for FileSource {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn open_at(&mut self, offset: u64) -> AgentResult<Box<dyn Read + Send>> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path).map_err(|e| {
+            AgentError::new(
+                ErrorKind::Internal,
+                format!("{}: cannot open bundle: {e}", self.path.display()),
+            )
+        })?;
+        f.seek(SeekFrom::Start(offset)).map_err(|e| {
+            AgentError::new(ErrorKind::Internal, format!("{}: {e}", self.path.display()))
+        })?;
+        Ok(Box::new(io::BufReader::with_capacity(BODY_CHUNK, f)))
+    }
+
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// What the host allows. Plain data, filled from the settings or the command line.
+#[derive(Debug, Clone)]
+pub struct InstallPolicy {
+    pub current_version: semver::Version,
+    pub allow_downgrade: bool,
+    pub board: Option<String>,
+    pub tries: u8,
+    /// Reopen attempts without progress before a download fails.
+    pub download_retries: u32,
+    /// First retry delay; doubles per attempt, capped at 30 s.
+    pub retry_base: Duration,
+    /// Image bytes between two persisted resume checkpoints (taken at zstd frame ends).
+    pub checkpoint_every: u64,
+}
+
+/// The result of a successful install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub version: semver::Version,
+    pub slot: SlotName,
+    pub attrs: SlotAttrs,
+    /// Image bytes that were already in place from a previous, interrupted attempt.
+    pub resumed_from: u64,
+}
+
+/// Maps a bundle verification failure to the agent's error kinds.
+pub fn bundle_error(source: &str, e: BundleError) -> AgentError {
+    let kind = match &e {
+        BundleError::BadSignature(_)
+        | BundleError::DuplicateSignature(_)
+        | BundleError::NotEnoughSignatures { .. } => ErrorKind::Signature,
+        BundleError::BodyDigest { .. }
+        | BundleError::ImageDigest { .. }
+        | BundleError::ImageSize { .. }
+        | BundleError::ImageTooLarge { .. } => ErrorKind::DigestMismatch,
+        BundleError::Io(_) => ErrorKind::Network,
+        _ => ErrorKind::Malformed,
+    };
+    AgentError::new(kind, format!("{source}: {e}"))
+}
+
+/// Checks a verified manifest against the host's policy. Pure.
+pub fn check_release(
+    manifest: &Manifest,
+    policy: &InstallPolicy,
+    quarantined: &[String],
+    slot_capacity: u64,
+) -> AgentResult<()> {
+    let v = &manifest.os_version;
+    if let (Some(theirs), Some(ours)) = (&manifest.board, &policy.board)
+        && theirs != ours
+    {
+        return Err(AgentError::new(
+            ErrorKind::WrongBoard,
+            format!("bundle {v} is for board {theirs:?}, this host is {ours:?}"),
+        ));
+    }
+    if quarantined.iter().any(|q| q == &v.to_string()) {
+        return Err(AgentError::new(
+            ErrorKind::Quarantined,
+            format!(
+                "version {v} is quarantined: this host rolled back from it (lift with `update-agent unquarantine {v}`)"
+            ),
+        ));
+    }
+    if *v <= policy.current_version && !policy.allow_downgrade {
+        return Err(AgentError::new(
+            ErrorKind::Downgrade,
+            format!(
+                "bundle version {v} is not newer than the running {}; set agent.allow_downgrade = true to allow",
+                policy.current_version
+            ),
+        ));
+    }
+    if let Some(min) = &manifest.min_source_version
+        && policy.current_version < *min
+    {
+        return Err(AgentError::new(
+            ErrorKind::SourceTooOld,
+            format!(
+                "bundle {v} needs at least version {min} installed, this host runs {}",
+                policy.current_version
+            ),
+        ));
+    }
+    if manifest.image.size > slot_capacity {
+        return Err(AgentError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "image of {v} is {} bytes, larger than the {slot_capacity}-byte slot",
+                manifest.image.size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything an install needs, handed in.
+pub struct Install<'a> {
+    pub slots: &'a mut dyn SlotTable,
+    pub booted: BootedSlot,
+    pub store: &'a mut dyn StateStore,
+    pub source: &'a mut dyn BundleSource,
+    pub keyring: &'a Keyring,
+    pub policy: &'a InstallPolicy,
+    /// Image bytes written so far, for progress display.
+    pub progress: Option<&'a AtomicU64>,
+    /// Called once the header is verified and the release accepted, before any write.
+    pub on_accepted: Option<&'a mut dyn FnMut(&Manifest)>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn state_err(e: crate::state::StateError) -> AgentError {
+    AgentError::new(ErrorKind::Disk, e.to_string())
+}
+
+impl Install<'_> {
+    /// Runs the install. On any error the inactive slot is left unbootable and the active slot
+    /// untouched.
+    pub fn run(mut self) -> AgentResult<Installed> {
+        let desc = self.source.describe();
+        let target = self.booted.inactive();
+        let mut state = self.store.load().map_err(state_err)?;
+
+        let mut reader = self.source.open_at(0)?;
+        let header =
+            bundle::read_header(&mut reader, self.keyring).map_err(|e| bundle_error(&desc, e))?;
+        let manifest = header.manifest().clone();
+        let capacity = self.slots.capacity(target.name())?;
+        check_release(&manifest, self.policy, &state.quarantined, capacity)?;
+        if let Some(cb) = self.on_accepted.as_mut() {
+            cb(&manifest);
+        }
+        let manifest_sha = sha256_hex(&header.header().manifest_bytes);
+        let version = manifest.os_version.to_string();
+
+        let resume = state.download.clone().filter(|c| {
+            c.url == desc
+                && c.manifest_sha256 == manifest_sha
+                && c.slot == target.name().to_string()
+                && c.image_offset <= manifest.image.size
+                && c.body_offset <= manifest.body.size
+        });
+
+        // The slot about to be written can never be booted from here on.
+        self.slots
+            .set_attrs(&[(target.name(), SlotAttrs::UNBOOTABLE)])?;
+        if state
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.slot == target.name().to_string())
+        {
+            state.staged = None;
+        }
+        state.slot_versions.remove(&target.name().to_string());
+
+        let mut sink = self.slots.open_writer(target)?;
+        let mut image_hasher = Sha256::new();
+        let (start_body, start_image) = match &resume {
+            Some(c) => {
+                let mut r = self.slots.open_reader(target.name(), c.image_offset)?;
+                copy_hash(&mut r, &mut image_hasher).map_err(|e| {
+                    AgentError::new(
+                        ErrorKind::Disk,
+                        format!(
+                            "{}: cannot re-read slot {}: {e}",
+                            self.slots.describe(),
+                            target.name()
+                        ),
+                    )
+                })?;
+                sink.seek_to(c.image_offset)
+                    .map_err(|e| AgentError::new(ErrorKind::Disk, e.to_string()))?;
+                drop(reader);
+                reader = self.source.open_at(header.header_len() + c.body_offset)?;
+                tracing::info!(version = %version, body_offset = c.body_offset, image_offset = c.image_offset, "resuming download");
+                (c.body_offset, c.image_offset)
+            }
+            None => (0, 0),
+        };
+        state.download = Some(DownloadCheckpoint {
+            url: desc.clone(),
+            version: version.clone(),
+            slot: target.name().to_string(),
+            manifest_sha256: manifest_sha.clone(),
+            body_offset: start_body,
+            image_offset: start_image,
+        });
+        self.store.save(&state).map_err(state_err)?;
+
+        let store = &mut *self.store;
+        let mut checkpoint = |body_offset: u64, image_offset: u64| -> AgentResult<()> {
+            if let Some(d) = state.download.as_mut() {
+                d.body_offset = body_offset;
+                d.image_offset = image_offset;
+            }
+            store.save(&state).map_err(state_err)
+        };
+        let pipeline = Pipeline {
+            header: &header,
+            source_desc: &desc,
+            retryable: self.source.retryable(),
+            policy: self.policy,
+            start_body,
+            start_image,
+            progress: self.progress,
+        };
+        pipeline.run(
+            reader,
+            &mut *self.source,
+            image_hasher,
+            &mut *sink,
+            &mut checkpoint,
+        )?;
+        sink.sync().map_err(|e| {
+            AgentError::new(
+                ErrorKind::Disk,
+                format!(
+                    "{}: cannot sync slot {}: {e}",
+                    self.slots.describe(),
+                    target.name()
+                ),
+            )
+        })?;
+        drop(sink);
+
+        // Read back what is on the medium and check it against the signed digest.
+        self.slots.drop_cache(target.name());
+        let mut r = self.slots.open_reader(target.name(), manifest.image.size)?;
+        let mut h = Sha256::new();
+        let n = copy_hash(&mut r, &mut h).map_err(|e| {
+            AgentError::new(
+                ErrorKind::Disk,
+                format!(
+                    "{}: read-back of slot {} failed: {e}",
+                    self.slots.describe(),
+                    target.name()
+                ),
+            )
+        })?;
+        let got: [u8; 32] = h.finalize().into();
+        if n != manifest.image.size || got != manifest.image.sha256.0 {
+            return Err(AgentError::new(
+                ErrorKind::DigestMismatch,
+                format!(
+                    "{}: slot {} read back as {} ({n} bytes), manifest of {version} says {} ({} bytes)",
+                    self.slots.describe(),
+                    target.name(),
+                    hex::encode(got),
+                    manifest.image.sha256,
+                    manifest.image.size
+                ),
+            ));
+        }
+
+        // Only now: make it the next boot.
+        let current = self.slots.slots()?;
+        let (new, other) =
+            slot::staged(current[self.booted.name().index()].attrs, self.policy.tries);
+        self.slots
+            .set_attrs(&[(target.name(), new), (self.booted.name(), other)])?;
+
+        let mut state = self.store.load().map_err(state_err)?;
+        state.download = None;
+        state.staged = Some(StagedUpdate {
+            version: version.clone(),
+            slot: target.name().to_string(),
+            previous_version: self.policy.current_version.to_string(),
+            reboot_requested: false,
+        });
+        state
+            .slot_versions
+            .insert(target.name().to_string(), version.clone());
+        state.slot_versions.insert(
+            self.booted.name().to_string(),
+            self.policy.current_version.to_string(),
+        );
+        self.store.save(&state).map_err(state_err)?;
+        tracing::info!(version = %version, slot = %target.name(), attrs = %new, "update staged");
+        Ok(Installed {
+            version: manifest.os_version.clone(),
+            slot: target.name(),
+            attrs: new,
+            resumed_from: start_image,
+        })
+    }
+}
+
+fn copy_hash(r: &mut dyn Read, h: &mut Sha256) -> io::Result<u64> {
+    let mut buf = vec![0u8; IMAGE_CHUNK];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Clears a stale checkpoint (used when an install fails for a reason resuming cannot fix).
+pub fn forget_download(state: &mut PersistentState) {
+    state.download = None;
+}
+
+enum ImageMsg {
+    Data(Vec<u8>),
+    /// A zstd frame ended after this many body bytes (counted from the start of the body).
+    FrameEnd(u64),
+}
+
+struct Pipeline<'a> {
+    header: &'a VerifiedHeader,
+    source_desc: &'a str,
+    retryable: bool,
+    policy: &'a InstallPolicy,
+    start_body: u64,
+    start_image: u64,
+    progress: Option<&'a AtomicU64>,
+}
+
+/// How a pipeline stage ended without an error of its own.
+enum StageEnd {
+    Done,
+    /// A later stage hung up (it has the error to report).
+    Stopped,
+}
+
+impl Pipeline<'_> {
+    fn run(
+        &self,
+        reader: Box<dyn Read + Send>,
+        source: &mut dyn BundleSource,
+        image_hasher: Sha256,
+        sink: &mut dyn SlotSink,
+        checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
+    ) -> AgentResult<()> {
+        let (body_tx, body_rx) = sync_channel::<Vec<u8>>(QUEUE);
+        let (image_tx, image_rx) = sync_channel::<ImageMsg>(QUEUE);
+        let (r, d, w) = std::thread::scope(|s| {
+            let fetch = s.spawn(move || self.fetch(reader, source, body_tx));
+            let decode = s.spawn(move || self.decode(body_rx, image_tx));
+            let w = self.write(image_rx, image_hasher, sink, checkpoint);
+            (
+                fetch.join().expect("fetch thread"),
+                decode.join().expect("decode thread"),
+                w,
+            )
+        });
+        // The earliest stage's error is the cause; later stages only saw its consequences.
+        r?;
+        d?;
+        w
+    }
+
+    /// Stage 1: reads the body (reopening at the current offset after a failure), hashes it when
+    /// it started at 0, and checks nothing follows it.
+    fn fetch(
+        &self,
+        mut reader: Box<dyn Read + Send>,
+        source: &mut dyn BundleSource,
+        tx: SyncSender<Vec<u8>>,
+    ) -> AgentResult<StageEnd> {
+        let body = self.header.manifest().body;
+        let header_len = self.header.header_len();
+        let mut hasher = (self.start_body == 0).then(Sha256::new);
+        let mut pos = self.start_body;
+        let mut failures = 0u32;
+        let mut last_error = String::new();
+        while pos < body.size {
+            let want = (body.size - pos).min(BODY_CHUNK as u64) as usize;
+            let mut buf = vec![0u8; want];
+            let mut filled = 0;
+            let mut failed = false;
+            while filled < want {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        last_error = format!(
+                            "connection ended after {} of {} body bytes",
+                            pos + filled as u64,
+                            body.size
+                        );
+                        failed = true;
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        last_error = e.to_string();
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if filled > 0 {
+                buf.truncate(filled);
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&buf);
+                }
+                pos += filled as u64;
+                failures = 0;
+                if tx.send(buf).is_err() {
+                    return Ok(StageEnd::Stopped);
+                }
+            }
+            if failed {
+                if !self.retryable {
+                    return Err(AgentError::new(
+                        ErrorKind::Malformed,
+                        format!(
+                            "{}: bundle body is truncated: {} of the {} bytes the manifest states",
+                            self.source_desc, pos, body.size
+                        ),
+                    ));
+                }
+                reader = loop {
+                    failures += 1;
+                    if failures > self.policy.download_retries {
+                        return Err(AgentError::new(
+                            ErrorKind::Network,
+                            format!(
+                                "{}: download failed at body byte {pos} after {} retries: {last_error}",
+                                self.source_desc, self.policy.download_retries
+                            ),
+                        ));
+                    }
+                    let delay = self
+                        .policy
+                        .retry_base
+                        .saturating_mul(1 << (failures - 1).min(16))
+                        .min(Duration::from_secs(30));
+                    tracing::warn!(offset = pos, attempt = failures, error = %last_error, "download interrupted, resuming");
+                    std::thread::sleep(delay);
+                    match source.open_at(header_len + pos) {
+                        Ok(r) => break r,
+                        Err(e)
+                            if matches!(e.kind, ErrorKind::Network)
+                                || matches!(e.kind, ErrorKind::HttpStatus(s) if s >= 500) =>
+                        {
+                            last_error = e.message;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+            }
+        }
+        // Nothing may follow the body.
+        let mut probe = [0u8; 1];
+        if let Ok(n) = reader.read(&mut probe)
+            && n > 0
+        {
+            return Err(bundle_error(
+                self.source_desc,
+                BundleError::TrailingData {
+                    expected: body.size,
+                },
+            ));
+        }
+        if let Some(h) = hasher {
+            let actual: [u8; 32] = h.finalize().into();
+            if actual != body.sha256.0 {
+                return Err(bundle_error(
+                    self.source_desc,
+                    BundleError::BodyDigest {
+                        expected: body.sha256,
+                        actual: twinroot_format::manifest::Sha256Digest(actual),
+                    },
+                ));
+            }
+        }
+        Ok(StageEnd::Done)
+    }
+
+    /// Stage 2: zstd decompression with a bounded window; reports frame ends.
+    fn decode(&self, rx: Receiver<Vec<u8>>, tx: SyncSender<ImageMsg>) -> AgentResult<StageEnd> {
+        use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+        let derr =
+            |e: io::Error| bundle_error(self.source_desc, BundleError::Decompress(e.to_string()));
+        let mut dec = Decoder::new().map_err(derr)?;
+        dec.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG))
+            .map_err(derr)?;
+        let mut out = vec![0u8; IMAGE_CHUNK];
+        let mut out_pos = 0usize;
+        let mut base = self.start_body;
+        let mut at_boundary = true;
+        for chunk in rx {
+            let mut input = InBuffer::around(&chunk);
+            loop {
+                let before = input.pos();
+                let mut output = OutBuffer::around_pos(&mut out[..], out_pos);
+                let hint = dec.run(&mut input, &mut output).map_err(derr)?;
+                let produced = output.pos() - out_pos;
+                out_pos = output.pos();
+                if input.pos() > before || produced > 0 {
+                    at_boundary = hint == 0;
+                }
+                let was_full = out_pos == out.len();
+                if was_full || (hint == 0 && out_pos > 0) {
+                    let mut full = std::mem::replace(&mut out, vec![0u8; IMAGE_CHUNK]);
+                    full.truncate(out_pos);
+                    out_pos = 0;
+                    if tx.send(ImageMsg::Data(full)).is_err() {
+                        return Ok(StageEnd::Stopped);
+                    }
+                }
+                if hint == 0
+                    && (input.pos() > before || produced > 0)
+                    && tx
+                        .send(ImageMsg::FrameEnd(base + input.pos() as u64))
+                        .is_err()
+                {
+                    return Ok(StageEnd::Stopped);
+                }
+                if input.pos() == chunk.len() && !was_full {
+                    break;
+                }
+            }
+            base += chunk.len() as u64;
+        }
+        if !at_boundary {
+            return Err(bundle_error(
+                self.source_desc,
+                BundleError::Decompress("body ends inside a zstd frame".into()),
+            ));
+        }
+        if out_pos > 0 {
+            out.truncate(out_pos);
+            if tx.send(ImageMsg::Data(out)).is_err() {
+                return Ok(StageEnd::Stopped);
+            }
+        }
+        Ok(StageEnd::Done)
+    }
+
+    /// Stage 3: hashes and writes the image; checkpoints at frame ends.
+    fn write(
+        &self,
+        rx: Receiver<ImageMsg>,
+        mut hasher: Sha256,
+        sink: &mut dyn SlotSink,
+        checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
+    ) -> AgentResult<()> {
+        let image = self.header.manifest().image;
+        let mut pos = self.start_image;
+        let mut last_checkpoint = pos;
+        let disk_err =
+            |e: io::Error| AgentError::new(ErrorKind::Disk, format!("writing slot: {e}"));
+        for msg in rx {
+            match msg {
+                ImageMsg::Data(buf) => {
+                    if pos + buf.len() as u64 > image.size {
+                        return Err(bundle_error(
+                            self.source_desc,
+                            BundleError::ImageTooLarge {
+                                expected: image.size,
+                            },
+                        ));
+                    }
+                    hasher.update(&buf);
+                    sink.write_all(&buf).map_err(disk_err)?;
+                    pos += buf.len() as u64;
+                    if let Some(p) = self.progress {
+                        p.store(pos, Ordering::Relaxed);
+                    }
+                }
+                ImageMsg::FrameEnd(body_offset) => {
+                    if pos - last_checkpoint >= self.policy.checkpoint_every {
+                        sink.sync().map_err(disk_err)?;
+                        checkpoint(body_offset, pos)?;
+                        last_checkpoint = pos;
+                    }
+                }
+            }
+        }
+        if pos != image.size {
+            return Err(bundle_error(
+                self.source_desc,
+                BundleError::ImageSize {
+                    expected: image.size,
+                    actual: pos,
+                },
+            ));
+        }
+        let actual: [u8; 32] = hasher.finalize().into();
+        if actual != image.sha256.0 {
+            return Err(bundle_error(
+                self.source_desc,
+                BundleError::ImageDigest {
+                    expected: image.sha256,
+                    actual: twinroot_format::manifest::Sha256Digest(actual),
+                },
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,280 @@
+//! The agent's view of the A/B disk, behind the small [`SlotTable`] trait so the same core drives a
+//! real disk (file or block device, through `twinroot_format::gpt`) and in-memory slots (tests and
+//! the fleet simulator).
+//!
+//! The active slot is never opened for writing, by construction: the only way to get a writer is
+//! [`SlotTable::open_writer`], which takes an [`InactiveSlot`]; the only way to get an
+//! [`InactiveSlot`] is [`BootedSlot::inactive`]. The GPT implementation additionally hands the
+//! booted slot to `SlotDisk::slot_writer`, which refuses it.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use twinroot_format::gpt::SlotDisk;
+use twinroot_format::slot::{SlotAttrs, SlotName, SlotState};
+
+use crate::error::{AgentError, AgentResult, ErrorKind};
+
+/// The slot the running system booted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootedSlot(SlotName);
+
+/// The slot the running system did not boot from: the only slot that can be written.
+/// It has no public constructor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InactiveSlot(SlotName);
+
+impl BootedSlot {
+    pub fn new(name: SlotName) -> Self {
+        BootedSlot(name)
+    }
+
+    pub fn name(self) -> SlotName {
+        self.0
+    }
+
+    pub fn inactive(self) -> InactiveSlot {
+        InactiveSlot(self.0.other())
+    }
+}
+
+impl InactiveSlot {
+    pub fn name(self) -> SlotName {
+        self.0
+    }
+}
+
+/// A writer into the inactive slot.
+pub trait SlotSink: Write + Send {
+    /// Continue at `offset` bytes into the slot.
+    fn seek_to(&mut self, offset: u64) -> io::Result<()>;
+    /// Flush everything written so far to stable storage.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// The A/B slot table and slot contents.
+pub trait SlotTable: Send {
+    /// Names the disk in messages.
+    fn describe(&self) -> String;
+    fn slots(&mut self) -> AgentResult<[SlotState; 2]>;
+    fn capacity(&mut self, slot: SlotName) -> AgentResult<u64>;
+    /// Changes boot attributes in one durable table update.
+    fn set_attrs(&mut self, changes: &[(SlotName, SlotAttrs)]) -> AgentResult<()>;
+    fn open_writer(&mut self, slot: InactiveSlot) -> AgentResult<Box<dyn SlotSink>>;
+    /// Reads the first `len` bytes of a slot (read-back verification, resume).
+    fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>>;
+    /// Drops cached pages of `slot` so a read-back reads the medium (no-op where meaningless).
+    fn drop_cache(&mut self, _slot: SlotName) {}
+}
+
+fn disk_err(e: impl std::fmt::Display) -> AgentError {
+    AgentError::new(ErrorKind::Disk, e.to_string())
+}
+
+/// A real disk: a block device or a disk image file, with a GPT made by the CoreOS scheme.
+pub struct GptSlotTable {
+    path: PathBuf,
+    booted: BootedSlot,
+}
+
+impl GptSlotTable {
+    /// Checks the disk has a readable slot table.
+    pub fn open(path: &Path, booted: BootedSlot) -> AgentResult<Self> {
+        SlotDisk::open(path).map_err(disk_err)?;
+        Ok(GptSlotTable {
+            path: path.to_path_buf(),
+            booted,
+        })
+    }
+}
+
+struct GptSink(twinroot_format::gpt::SlotWriter);
+
+impl Write for GptSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl SlotTable for GptSlotTable {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn slots(&mut self) -> AgentResult<[SlotState; 2]> {
+        Ok(SlotDisk::open(&self.path).map_err(disk_err)?.slots())
+    }
+
+    fn capacity(&mut self, slot: SlotName) -> AgentResult<u64> {
+        Ok(SlotDisk::open(&self.path)
+            .map_err(disk_err)?
+            .slot_extent(slot)
+            .len)
+    }
+
+    fn set_attrs(&mut self, changes: &[(SlotName, SlotAttrs)]) -> AgentResult<()> {
+        SlotDisk::open_rw(&self.path)
+            .map_err(disk_err)?
+            .set_many(changes)
+            .map_err(disk_err)
+    }
+
+    fn open_writer(&mut self, slot: InactiveSlot) -> AgentResult<Box<dyn SlotSink>> {
+        let disk = SlotDisk::open(&self.path).map_err(disk_err)?;
+        let writer = disk
+            .slot_writer(slot.name(), Some(self.booted.name()))
+            .map_err(disk_err)?;
+        Ok(Box::new(SyncingSink {
+            inner: GptSink(writer),
+            path: self.path.clone(),
+        }))
+    }
+
+    fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>> {
+        let disk = SlotDisk::open(&self.path).map_err(disk_err)?;
+        Ok(Box::new(disk.slot_reader(slot, len).map_err(disk_err)?))
+    }
+
+    fn drop_cache(&mut self, slot: SlotName) {
+        let Ok(disk) = SlotDisk::open(&self.path) else {
+            return;
+        };
+        let extent = disk.slot_extent(slot);
+        if let Ok(file) = std::fs::File::open(&self.path) {
+            let _ = nix::fcntl::posix_fadvise(
+                &file,
+                extent.offset as i64,
+                extent.len as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+}
+
+/// Adds a durable `sync` to the GPT slot writer: fdatasync through a read-only descriptor of the
+/// same disk flushes the writer's dirty pages too (the page cache is per file, not per descriptor).
+struct SyncingSink {
+    inner: GptSink,
+    path: PathBuf,
+}
+
+impl Write for SyncingSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl SlotSink for SyncingSink {
+    fn seek_to(&mut self, offset: u64) -> io::Result<()> {
+        self.inner.0.seek_to(offset).map_err(io::Error::other)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        std::fs::File::open(&self.path)?.sync_data()
+    }
+}
+
+/// Two slots held in memory, for unit tests and the fleet simulator.
+#[derive(Debug, Clone)]
+pub struct MemorySlotTable {
+    pub capacity: u64,
+    pub attrs: [SlotAttrs; 2],
+    pub data: [std::sync::Arc<std::sync::Mutex<Vec<u8>>>; 2],
+    /// Number of writers ever opened per slot (tests check the booted slot stays at 0).
+    pub writers_opened: [u32; 2],
+}
+
+impl MemorySlotTable {
+    pub fn new(capacity: u64) -> Self {
+        MemorySlotTable {
+            capacity,
+            attrs: [SlotAttrs::UNBOOTABLE; 2],
+            data: Default::default(),
+            writers_opened: [0; 2],
+        }
+    }
+}
+
+struct MemorySink {
+    data: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pos: u64,
+    capacity: u64,
+}
+
+impl Write for MemorySink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.pos + buf.len() as u64 > self.capacity {
+            return Err(io::Error::other(format!(
+                "slot holds {} bytes; refusing to write past its end",
+                self.capacity
+            )));
+        }
+        let mut d = self.data.lock().expect("slot lock");
+        let end = self.pos as usize + buf.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[self.pos as usize..end].copy_from_slice(buf);
+        self.pos = end as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SlotSink for MemorySink {
+    fn seek_to(&mut self, offset: u64) -> io::Result<()> {
+        self.pos = offset;
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SlotTable for MemorySlotTable {
+    fn describe(&self) -> String {
+        "memory disk".into()
+    }
+    fn slots(&mut self) -> AgentResult<[SlotState; 2]> {
+        Ok(SlotName::ALL.map(|name| SlotState {
+            name,
+            attrs: self.attrs[name.index()],
+        }))
+    }
+    fn capacity(&mut self, _slot: SlotName) -> AgentResult<u64> {
+        Ok(self.capacity)
+    }
+    fn set_attrs(&mut self, changes: &[(SlotName, SlotAttrs)]) -> AgentResult<()> {
+        for (slot, attrs) in changes {
+            self.attrs[slot.index()] = *attrs;
+        }
+        Ok(())
+    }
+    fn open_writer(&mut self, slot: InactiveSlot) -> AgentResult<Box<dyn SlotSink>> {
+        self.writers_opened[slot.name().index()] += 1;
+        Ok(Box::new(MemorySink {
+            data: self.data[slot.name().index()].clone(),
+            pos: 0,
+            capacity: self.capacity,
+        }))
+    }
+    fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>> {
+        let d = self.data[slot.index()].lock().expect("slot lock");
+        let mut v = d.clone();
+        v.resize(len as usize, 0);
+        Ok(Box::new(io::Cursor::new(v)))
+    }
+}

@@ -1,0 +1,412 @@
+//! The apply path against a real HTTP server and disk image files.
+
+mod common;
+
+use common::*;
+use twinroot_format::slot::{SlotAttrs, SlotName, choose_boot};
+use update_agent::apply::{FileSource, Install, InstallPolicy};
+use update_agent::slots::{BootedSlot, MemorySlotTable, SlotTable};
+use update_agent::state::{FileStateStore, MemoryStateStore, StateStore};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    keys: Keys,
+    conf: std::path::PathBuf,
+}
+
+fn setup(slot_size: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let a_content = image(3 * MIB as usize, 7);
+    let disk = disk(dir.path(), slot_size, &a_content);
+    let keys = keys(dir.path());
+    let conf = dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    Setup {
+        dir,
+        disk,
+        keys,
+        conf,
+    }
+}
+
+impl Setup {
+    fn install(&self, bundle: &str, extra: &[&str]) -> std::process::Output {
+        let state = self.dir.path().join("state");
+        let mut args = vec![
+            "install",
+            "--disk",
+            self.disk.to_str().unwrap(),
+            "--booted-slot",
+            "a",
+            "--keyring",
+            self.keys.keyring_path.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--current-version",
+            "1.0.0",
+        ];
+        args.extend_from_slice(extra);
+        args.push(bundle);
+        run_agent(&self.conf, &args)
+    }
+
+    fn bundle(&self, version: &str, img: &[u8]) -> Vec<u8> {
+        make_bundle(
+            &BundleSpec {
+                image: img,
+                version,
+                frame: 512 * 1024,
+                board: None,
+            },
+            &self.keys.signing,
+        )
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
+    fn state(&self) -> update_agent::state::PersistentState {
+        FileStateStore::new(self.dir.path().join("state"))
+            .load()
+            .unwrap()
+    }
+
+    /// Slot A still holds exactly what it held, and the host would still boot A.
+    fn assert_untouched_a_and_unbootable_b(&self, a_digest: [u8; 32], case: &str) {
+        assert_eq!(
+            slot_digest(&self.disk, SlotName::A),
+            a_digest,
+            "{case}: slot A changed"
+        );
+        let s = slots(&self.disk);
+        assert!(
+            !s[1].attrs.is_bootable(),
+            "{case}: slot B bootable: {}",
+            s[1].attrs
+        );
+        assert_eq!(choose_boot(&s).unwrap().slot, SlotName::A, "{case}");
+        assert_eq!(s[0].attrs.priority, 1, "{case}: slot A attributes changed");
+    }
+}
+
+#[test]
+fn happy_path_over_http() {
+    let t = setup(16 * MIB);
+    let a_digest = slot_digest(&t.disk, SlotName::A);
+    let img = image(6 * MIB as usize, 1);
+    let server = TestServer::start();
+    server.put("/b/1.1.0.tbdl", t.bundle("1.1.0", &img));
+    let out = t.install(&server.url("/b/1.1.0.tbdl"), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("installed 1.1.0 into slot b"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(slot_bytes(&t.disk, SlotName::B, img.len() as u64), img);
+    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
+    let s = slots(&t.disk);
+    assert_eq!(
+        s[1].attrs,
+        SlotAttrs {
+            priority: 2,
+            tries: 1,
+            successful: false
+        }
+    );
+    let choice = choose_boot(&s).unwrap();
+    assert_eq!((choice.slot, choice.consume_try), (SlotName::B, true));
+    let st = t.state();
+    let staged = st.staged.unwrap();
+    assert_eq!(
+        (staged.version.as_str(), staged.slot.as_str()),
+        ("1.1.0", "b")
+    );
+    assert!(st.download.is_none());
+    assert_eq!(st.slot_versions.get("b").map(String::as_str), Some("1.1.0"));
+}
+
+#[test]
+fn resumes_after_a_cut_connection() {
+    let t = setup(16 * MIB);
+    let img = image(6 * MIB as usize, 2);
+    let bundle = t.bundle("1.2.0", &img);
+    let hl = header_len(&bundle);
+    let server = TestServer::start();
+    server.put("/x.tbdl", bundle.clone());
+    // First response cut inside the body, the first resume cut again.
+    server.cut_next(&[hl + 700_000, 500_000]);
+    let out = t.install(&server.url("/x.tbdl"), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(slot_bytes(&t.disk, SlotName::B, img.len() as u64), img);
+    let ranges: Vec<u64> = server.seen().iter().filter_map(|s| s.range).collect();
+    assert_eq!(ranges.len(), 2, "two resumed requests: {ranges:?}");
+    assert_eq!(ranges[0], hl + 700_000);
+    assert_eq!(ranges[1], hl + 700_000 + 500_000);
+}
+
+#[test]
+fn resumes_after_an_agent_restart_from_the_saved_offset() {
+    let t = setup(16 * MIB);
+    std::fs::write(
+        t.conf.join("10-test.toml"),
+        "[agent]\ncheckpoint_mib = 1\n[server]\ndownload_retries = 0\n",
+    )
+    .unwrap();
+    let img = image(8 * MIB as usize, 3);
+    let bundle = t.bundle("1.3.0", &img);
+    let hl = header_len(&bundle);
+    let body_len = bundle.len() as u64 - hl;
+    let server = TestServer::start();
+    server.put("/r.tbdl", bundle.clone());
+    server.cut_next(&[hl + body_len * 6 / 10]);
+    let url = server.url("/r.tbdl");
+
+    let first = t.install(&url, &[]);
+    assert!(!first.status.success(), "{}", text(&first));
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("download failed"),
+        "{}",
+        text(&first)
+    );
+    let checkpoint = t.state().download.expect("checkpoint saved");
+    assert!(checkpoint.body_offset > 0 && checkpoint.image_offset >= MIB);
+    assert!(!slots(&t.disk)[1].attrs.is_bootable());
+
+    // A new agent process picks up at the checkpoint.
+    let second = t.install(&url, &[]);
+    assert!(second.status.success(), "{}", text(&second));
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains(&format!(
+            "resumed at image byte {}",
+            checkpoint.image_offset
+        )),
+        "{}",
+        text(&second)
+    );
+    let ranges: Vec<u64> = server.seen().iter().filter_map(|s| s.range).collect();
+    assert_eq!(ranges, vec![hl + checkpoint.body_offset]);
+    assert_eq!(slot_bytes(&t.disk, SlotName::B, img.len() as u64), img);
+    assert!(t.state().download.is_none());
+}
+
+#[test]
+fn bad_inputs_leave_the_active_slot_untouched_and_the_inactive_slot_unbootable() {
+    let t = setup(8 * MIB);
+    let a_digest = slot_digest(&t.disk, SlotName::A);
+    let img = image(5 * MIB as usize, 4);
+    let good = t.bundle("1.5.0", &img);
+    let hl = header_len(&good) as usize;
+    let server = TestServer::start();
+
+    let mut tampered_body = good.clone();
+    let mid = hl + (good.len() - hl) / 2;
+    tampered_body[mid] ^= 0x55;
+    let mut tampered_manifest = good.clone();
+    tampered_manifest[40] ^= 0x01;
+    let truncated = good[..good.len() - 1000].to_vec();
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(b"extra");
+    let other_keys = keys(&t.dir.path().join("other").tap_mkdir());
+    let wrong_key = make_bundle(
+        &BundleSpec {
+            image: &img,
+            version: "1.5.0",
+            frame: MIB as usize,
+            board: None,
+        },
+        &other_keys.signing,
+    );
+    let older = t.bundle("0.9.0", &img);
+    let same = t.bundle("1.0.0", &img);
+    let too_big = t.bundle("1.6.0", &image(9 * MIB as usize, 5));
+    let arm = make_bundle(
+        &BundleSpec {
+            image: &img,
+            version: "1.7.0",
+            frame: MIB as usize,
+            board: Some("arm64-usr"),
+        },
+        &t.keys.signing,
+    );
+    server.put("/truncated", truncated.clone());
+    server.put("/tampered", tampered_body.clone());
+
+    let cases: Vec<(&str, String, &[&str], &[&str])> = vec![
+        (
+            "tampered body (file)",
+            t.write("t.tbdl", &tampered_body),
+            &[],
+            &["[digest-mismatch]", "[malformed]"],
+        ),
+        (
+            "tampered body (http)",
+            server.url("/tampered"),
+            &[],
+            &["[digest-mismatch]", "[malformed]"],
+        ),
+        (
+            "tampered manifest",
+            t.write("m.tbdl", &tampered_manifest),
+            &[],
+            &["[signature]"],
+        ),
+        (
+            "truncated (file)",
+            t.write("tr.tbdl", &truncated),
+            &[],
+            &["truncated"],
+        ),
+        (
+            "truncated (http)",
+            server.url("/truncated"),
+            &[],
+            &["truncated"],
+        ),
+        (
+            "trailing data",
+            t.write("x.tbdl", &trailing),
+            &[],
+            &["trailing data"],
+        ),
+        (
+            "wrong key",
+            t.write("k.tbdl", &wrong_key),
+            &[],
+            &["[signature]"],
+        ),
+        (
+            "downgrade",
+            t.write("o.tbdl", &older),
+            &[],
+            &["[downgrade]", "0.9.0"],
+        ),
+        (
+            "same version",
+            t.write("s.tbdl", &same),
+            &[],
+            &["[downgrade]"],
+        ),
+        (
+            "too big",
+            t.write("b.tbdl", &too_big),
+            &[],
+            &["[too-large]"],
+        ),
+        (
+            "other board",
+            t.write("a.tbdl", &arm),
+            &["--board", "amd64-usr"],
+            &["[wrong-board]", "arm64-usr"],
+        ),
+    ];
+    for (case, bundle, extra, expected) in cases {
+        let out = t.install(&bundle, extra);
+        assert!(!out.status.success(), "{case}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            expected.iter().any(|e| err.contains(e)),
+            "{case}: expected one of {expected:?} in {err}"
+        );
+        t.assert_untouched_a_and_unbootable_b(a_digest, case);
+        assert!(t.state().staged.is_none(), "{case}");
+    }
+
+    // Quarantined: this host rolled back from 1.5.0 before.
+    let mut store = FileStateStore::new(t.dir.path().join("state"));
+    let mut st = store.load().unwrap();
+    st.quarantine("1.5.0");
+    store.save(&st).unwrap();
+    let out = t.install(&t.write("q.tbdl", &good), &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[quarantined]"),
+        "{}",
+        text(&out)
+    );
+    t.assert_untouched_a_and_unbootable_b(a_digest, "quarantined");
+
+    // The downgrade goes through when explicitly allowed.
+    let out = t.install(&t.write("o2.tbdl", &older), &["--allow-downgrade"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+/// The core through the library API on in-memory slots (what the fleet simulator uses): the
+/// booted slot never gets a writer, whatever the bundle.
+#[test]
+fn the_booted_slot_is_never_opened_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let keyring = twinroot_format::keyring::Keyring::load(&keys.keyring_path).unwrap();
+    let img = image(2 * MIB as usize, 9);
+    for booted in [SlotName::A, SlotName::B] {
+        let mut slots = MemorySlotTable::new(4 * MIB);
+        slots.attrs[booted.index()] = SlotAttrs {
+            priority: 1,
+            tries: 0,
+            successful: true,
+        };
+        let mut store = MemoryStateStore::default();
+        for (i, version) in ["2.0.0", "1.0.0", "2.0.0"].iter().enumerate() {
+            let path = dir.path().join(format!("{booted}-{i}.tbdl"));
+            std::fs::write(
+                &path,
+                make_bundle(
+                    &BundleSpec {
+                        image: &img,
+                        version,
+                        frame: MIB as usize,
+                        board: None,
+                    },
+                    &keys.signing,
+                ),
+            )
+            .unwrap();
+            let policy = InstallPolicy {
+                current_version: "1.5.0".parse().unwrap(),
+                allow_downgrade: false,
+                board: None,
+                tries: 1,
+                download_retries: 0,
+                retry_base: std::time::Duration::from_millis(1),
+                checkpoint_every: MIB,
+            };
+            let _ = Install {
+                slots: &mut slots,
+                booted: BootedSlot::new(booted),
+                store: &mut store,
+                source: &mut FileSource { path },
+                keyring: &keyring,
+                policy: &policy,
+                progress: None,
+                on_accepted: None,
+            }
+            .run();
+        }
+        assert_eq!(slots.writers_opened[booted.index()], 0);
+        assert_eq!(slots.writers_opened[booted.other().index()], 2);
+        let s = slots.slots().unwrap();
+        assert_eq!(choose_boot(&s).unwrap().slot, booted.other());
+        assert_eq!(
+            slots.data[booted.other().index()].lock().unwrap()[..img.len()],
+            img[..]
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! Test support: a real HTTP/1.1 server on a loopback port (files with Range, scripted connection
+//! cuts, an Omaha endpoint), bundles and disk images built with twinroot-format.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use twinroot_format::bundle;
+use twinroot_format::gpt::{self, DiskLayout, SlotDisk};
+use twinroot_format::keyring::{self, Keyring};
+use twinroot_format::manifest::{BodyInfo, Compression, Digest, Manifest, Sha256Digest};
+use twinroot_format::slot::{SlotAttrs, SlotName, SlotState};
+
+pub const MIB: u64 = 1 << 20;
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub range: Option<u64>,
+    pub body: Vec<u8>,
+}
+
+type OmahaHandler = Box<dyn Fn(&[u8]) -> String + Send + Sync>;
+
+#[derive(Default)]
+struct Shared {
+    files: HashMap<String, Arc<Vec<u8>>>,
+    /// For each coming GET: cut the connection after this many body bytes.
+    cuts: VecDeque<u64>,
+    omaha: Option<OmahaHandler>,
+    seen: Vec<Seen>,
+}
+
+/// A real HTTP server on 127.0.0.1:0, one thread per connection, stopped on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sh, st) = (shared.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        let sh = sh.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve(conn, sh);
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Accept poll interval, not a wait for a test condition.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        TestServer {
+            addr,
+            shared,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn put(&self, path: &str, data: Vec<u8>) {
+        self.shared
+            .lock()
+            .unwrap()
+            .files
+            .insert(path.to_string(), Arc::new(data));
+    }
+
+    /// The next GET requests are cut after these many body bytes each.
+    pub fn cut_next(&self, after: &[u64]) {
+        self.shared
+            .lock()
+            .unwrap()
+            .cuts
+            .extend(after.iter().copied());
+    }
+
+    pub fn on_omaha(&self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) {
+        self.shared.lock().unwrap().omaha = Some(Box::new(f));
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.lock().unwrap().seen.clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(conn: TcpStream, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut content_length = 0usize;
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap_or((h, ""));
+        let v = v.trim();
+        match k.to_ascii_lowercase().as_str() {
+            "content-length" => content_length = v.parse().unwrap_or(0),
+            "range" => {
+                range = v
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse::<u64>().ok())
+            }
+            _ => {}
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let (file, cut, omaha) = {
+        let mut s = shared.lock().unwrap();
+        s.seen.push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            range,
+            body: body.clone(),
+        });
+        let file = s.files.get(&path).cloned();
+        let cut = if method == "GET" && file.is_some() {
+            s.cuts.pop_front()
+        } else {
+            None
+        };
+        let omaha = if method == "POST" {
+            s.omaha.as_ref().map(|f| f(&body))
+        } else {
+            None
+        };
+        (file, cut, omaha)
+    };
+    if let Some(xml) = omaha {
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        )?;
+        return Ok(());
+    }
+    let Some(file) = file else {
+        write!(
+            conn,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    };
+    let len = file.len() as u64;
+    let start = range.unwrap_or(0);
+    if start >= len && len > 0 {
+        write!(
+            conn,
+            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    }
+    if range.is_some() {
+        write!(
+            conn,
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            len - 1,
+            len - start
+        )?;
+    } else {
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )?;
+    }
+    let body = &file[start as usize..];
+    let n = cut.map_or(body.len(), |c| (c as usize).min(body.len()));
+    conn.write_all(&body[..n])?;
+    conn.flush()?;
+    if cut.is_some() {
+        conn.shutdown(std::net::Shutdown::Both)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic image content: half pseudo-random, half runs of zeros.
+pub fn image(size: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let mut v = Vec::with_capacity(size);
+    for i in 0..size {
+        if (i / 4096) % 2 == 0 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            v.push(x as u8);
+        } else {
+            v.push(0);
+        }
+    }
+    v
+}
+
+pub struct Keys {
+    pub signing: Vec<ed25519_dalek::SigningKey>,
+    pub keyring_path: PathBuf,
+}
+
+pub fn keys(dir: &Path) -> Keys {
+    let k = keyring::generate_signing_key().unwrap();
+    let ring = Keyring::new(1, 1, &[k.verifying_key()]).unwrap();
+    let keyring_path = dir.join("keyring.json");
+    std::fs::write(&keyring_path, ring.to_bytes()).unwrap();
+    Keys {
+        signing: vec![k],
+        keyring_path,
+    }
+}
+
+pub struct BundleSpec<'a> {
+    pub image: &'a [u8],
+    pub version: &'a str,
+    /// Image bytes per zstd frame (multi-frame bodies can be resumed across restarts).
+    pub frame: usize,
+    pub board: Option<&'a str>,
+}
+
+/// A bundle with a body of independent zstd frames.
+pub fn make_bundle(spec: &BundleSpec, keys: &[ed25519_dalek::SigningKey]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for chunk in spec.image.chunks(spec.frame.max(1)) {
+        body.extend(zstd::bulk::compress(chunk, 3).unwrap());
+    }
+    let manifest = Manifest {
+        format_version: twinroot_format::manifest::FORMAT_VERSION,
+        os_version: spec.version.parse().unwrap(),
+        created_unix: 1_700_000_000,
+        image: Digest {
+            size: spec.image.len() as u64,
+            sha256: Sha256Digest(Sha256::digest(spec.image).into()),
+        },
+        body: BodyInfo {
+            size: body.len() as u64,
+            sha256: Sha256Digest(Sha256::digest(&body).into()),
+            compression: Compression::Zstd,
+        },
+        min_source_version: None,
+        board: spec.board.map(str::to_string),
+    };
+    let mut out = bundle::encode_header(&manifest, keys).unwrap();
+    out.extend(body);
+    out
+}
+
+/// Header length of a bundle (where the body starts).
+pub fn header_len(bundle_bytes: &[u8]) -> u64 {
+    bundle::read_header_unverified(&mut &bundle_bytes[..])
+        .unwrap()
+        .header_len()
+}
+
+/// A disk image whose slot A is booted and good, filled with `a_content`; slot B unbootable.
+pub fn disk(dir: &Path, slot_size: u64, a_content: &[u8]) -> PathBuf {
+    let path = dir.join("disk.img");
+    let mut d = gpt::create_disk(
+        &path,
+        &DiskLayout {
+            slot_size,
+            state_size: 0,
+        },
+    )
+    .unwrap();
+    d.set_attrs(
+        SlotName::A,
+        SlotAttrs {
+            priority: 1,
+            tries: 0,
+            successful: true,
+        },
+    )
+    .unwrap();
+    let mut w = d.slot_writer(SlotName::A, None).unwrap();
+    w.write_all(a_content).unwrap();
+    w.finish().unwrap();
+    path
+}
+
+pub fn slots(disk: &Path) -> [SlotState; 2] {
+    SlotDisk::open(disk).unwrap().slots()
+}
+
+/// SHA-256 of a whole slot partition.
+pub fn slot_digest(disk: &Path, slot: SlotName) -> [u8; 32] {
+    let d = SlotDisk::open(disk).unwrap();
+    let len = d.slot_extent(slot).len;
+    let mut r = d.slot_reader(slot, len).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().into()
+}
+
+/// The first `len` bytes of a slot.
+pub fn slot_bytes(disk: &Path, slot: SlotName, len: u64) -> Vec<u8> {
+    let d = SlotDisk::open(disk).unwrap();
+    let mut r = d.slot_reader(slot, len).unwrap();
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).unwrap();
+    v
+}
+
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_update-agent")
+}
+
+/// Runs `update-agent` with the given args and no default configuration roots.
+pub fn run_agent(config_dir: &Path, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .arg("--config-dir")
+        .arg(config_dir)
+        .args(args)
+        .env("UPDATE_AGENT_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
