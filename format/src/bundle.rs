@@ -18,8 +18,7 @@
 //! before looking at the body, then verify the body while streaming it ([`ImageReader`]).
 
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 
 use ed25519_dalek::{Signature, SigningKey};
 use semver::Version;
@@ -626,26 +625,70 @@ impl<R: Read> Read for ImageReader<R> {
 const CHUNK: usize = 512 * 1024;
 const QUEUE: usize = 4;
 
-/// `Read` over chunks arriving on a channel (input of the decompression thread).
+/// A chunk in flight: a buffer and how many of its bytes are data.
+type Chunk = (Vec<u8>, usize);
+
+/// Buffers travel forward full and come back empty, so a verify allocates a fixed set of
+/// buffers once instead of one (page-faulted, zeroed) buffer per chunk.
+struct Pool {
+    back: Receiver<Vec<u8>>,
+    made: usize,
+}
+
+impl Pool {
+    fn new(back: Receiver<Vec<u8>>) -> Pool {
+        Pool { back, made: 0 }
+    }
+
+    fn take(&mut self) -> Vec<u8> {
+        if let Ok(mut buf) = self.back.try_recv() {
+            buf.resize(CHUNK, 0);
+            return buf;
+        }
+        if self.made < QUEUE + 2 {
+            self.made += 1;
+            return vec![0u8; CHUNK];
+        }
+        // All buffers are in flight: wait for one; if the consumer is gone, any buffer will do
+        // (the next send fails and ends the loop).
+        let mut buf = self.back.recv().unwrap_or_default();
+        buf.resize(CHUNK, 0);
+        buf
+    }
+}
+
+/// `BufRead` over chunks arriving on a channel (input of the decompression thread); consumed
+/// buffers go back to the reading thread.
 struct ChannelReader {
-    rx: Receiver<Arc<Vec<u8>>>,
-    current: Arc<Vec<u8>>,
+    rx: Receiver<Chunk>,
+    back: Sender<Vec<u8>>,
+    current: Vec<u8>,
+    len: usize,
     pos: usize,
+}
+
+impl ChannelReader {
+    fn next_chunk(&mut self) -> bool {
+        match self.rx.recv() {
+            Ok((buf, len)) => {
+                let old = std::mem::replace(&mut self.current, buf);
+                if !old.is_empty() {
+                    let _ = self.back.send(old);
+                }
+                self.len = len;
+                self.pos = 0;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.current = chunk;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        let available = io::BufRead::fill_buf(self)?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
         self.pos += n;
         Ok(n)
     }
@@ -653,16 +696,12 @@ impl Read for ChannelReader {
 
 impl io::BufRead for ChannelReader {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.pos == self.current.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.current = chunk;
-                    self.pos = 0;
-                }
-                Err(_) => break,
+        while self.pos == self.len {
+            if !self.next_chunk() {
+                break;
             }
         }
-        Ok(&self.current[self.pos..])
+        Ok(&self.current[self.pos..self.len])
     }
 
     fn consume(&mut self, amt: usize) {
@@ -671,17 +710,14 @@ impl io::BufRead for ChannelReader {
 }
 
 fn decompress_thread(
-    rx: Receiver<Arc<Vec<u8>>>,
-    out: SyncSender<Vec<u8>>,
+    input: ChannelReader,
+    out: SyncSender<Chunk>,
+    back: Receiver<Vec<u8>>,
 ) -> Result<(), BundleError> {
-    let input = ChannelReader {
-        rx,
-        current: Arc::new(Vec::new()),
-        pos: 0,
-    };
     let mut decoder = new_decoder(input)?;
+    let mut pool = Pool::new(back);
     loop {
-        let mut chunk = vec![0u8; CHUNK];
+        let mut chunk = pool.take();
         let mut filled = 0;
         while filled < CHUNK {
             match decoder.read(&mut chunk[filled..]) {
@@ -698,8 +734,7 @@ fn decompress_thread(
             }
             return Ok(());
         }
-        chunk.truncate(filled);
-        if out.send(chunk).is_err() {
+        if out.send((chunk, filled)).is_err() {
             // The image hasher stopped: it has an error to report.
             return Ok(());
         }
@@ -710,26 +745,37 @@ fn verify_body_parallel<R: Read + Send>(
     manifest: &Manifest,
     mut body: R,
 ) -> Result<(), BundleError> {
-    let (to_decoder, decoder_rx) = sync_channel::<Arc<Vec<u8>>>(QUEUE);
-    let (to_hasher, hasher_rx) = sync_channel::<Vec<u8>>(QUEUE);
+    let (to_decoder, decoder_rx) = sync_channel::<Chunk>(QUEUE);
+    let (body_back_tx, body_back_rx) = channel::<Vec<u8>>();
+    let (to_hasher, hasher_rx) = sync_channel::<Chunk>(QUEUE);
+    let (image_back_tx, image_back_rx) = channel::<Vec<u8>>();
     let image_expected = manifest.image;
     std::thread::scope(|scope| {
-        let decoder = scope.spawn(move || decompress_thread(decoder_rx, to_hasher));
+        let input = ChannelReader {
+            rx: decoder_rx,
+            back: body_back_tx,
+            current: Vec::new(),
+            len: 0,
+            pos: 0,
+        };
+        let decoder = scope.spawn(move || decompress_thread(input, to_hasher, image_back_rx));
         let hasher = scope.spawn(move || -> Result<(), BundleError> {
             let mut check = ImageCheck::new(image_expected);
-            for chunk in hasher_rx {
-                check.update(&chunk)?;
+            for (buf, len) in hasher_rx {
+                check.update(&buf[..len])?;
+                let _ = image_back_tx.send(buf);
             }
             check.finish()
         });
         let mut body_check = BodyCheck::new(manifest.body);
+        let mut pool = Pool::new(body_back_rx);
         let read_result = (|| -> Result<(), BundleError> {
             while body_check.remaining() > 0 {
                 let want = (CHUNK as u64).min(body_check.remaining()) as usize;
-                let mut chunk = vec![0u8; want];
+                let mut chunk = pool.take();
                 let mut filled = 0;
                 while filled < want {
-                    match body.read(&mut chunk[filled..]) {
+                    match body.read(&mut chunk[filled..want]) {
                         Ok(0) => {
                             return Err(BundleError::BodyTruncated {
                                 expected: manifest.body.size,
@@ -741,13 +787,11 @@ fn verify_body_parallel<R: Read + Send>(
                         Err(e) => return Err(BundleError::Io(e)),
                     }
                 }
-                let chunk = Arc::new(chunk);
-                if to_decoder.send(Arc::clone(&chunk)).is_err() {
+                body_check.update(&chunk[..want]);
+                if to_decoder.send((chunk, want)).is_err() {
                     // The decoder stopped early: its error explains why.
-                    body_check.update(&chunk);
                     break;
                 }
-                body_check.update(&chunk);
             }
             Ok(())
         })();
@@ -1115,6 +1159,19 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn many_chunks_recycle_buffers() {
+        // More chunks than the buffer pools hold, so buffers are reused many times.
+        let big: Vec<u8> = image().iter().cycle().take(9 * CHUNK + 123).copied().collect();
+        let mut out = Vec::new();
+        let mut scratch = Cursor::new(Vec::new());
+        write_bundle(&big[..], &release(), &[key(1)], 1, &mut scratch, &mut out).unwrap();
+        assert_eq!(verify(&out, &ring(1, &[1])).unwrap(), big);
+        let last = out.len() - 7;
+        out[last] ^= 1;
+        assert!(verify(&out, &ring(1, &[1])).is_err());
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! `image-tool keygen`, `image-tool keyring`, `image-tool rotate-keyring` and
 //! `image-tool verify-rotation`.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use twinroot_format::keyring::{
-    KeyId, Keyring, KeyringRotation, generate_signing_key, load_signing_key, load_verifying_key,
-    private_key_pem, public_key_pem,
+    KeyId, Keyring, KeyringRotation, MAX_KEYRING_FILE, generate_signing_key, load_signing_key,
+    load_verifying_key, private_key_pem, public_key_pem,
 };
 
 use crate::output::StagedOutput;
@@ -118,8 +118,10 @@ pub fn rotate_keyring(opts: &RotateOptions) -> Result<Keyring> {
 /// Checks a rotation file against the current keyring; optionally writes the new keyring.
 pub fn verify_rotation(current: &Path, rotation: &Path, out: Option<&Path>) -> Result<Keyring> {
     let current_ring = load_keyring(current)?;
-    let bytes =
-        std::fs::read(rotation).with_context(|| format!("{}: cannot read", rotation.display()))?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(rotation)
+        .and_then(|f| f.take(MAX_KEYRING_FILE + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("{}: cannot read", rotation.display()))?;
     let new = KeyringRotation::from_bytes(&bytes)
         .and_then(|r| r.verify(&current_ring))
         .with_context(|| format!("{}: rotation rejected", rotation.display()))?;
