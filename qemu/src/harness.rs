@@ -1,6 +1,7 @@
 //! The QEMU harness: disks with A/B slots, hosts that boot them under TCG, their serial consoles.
 //!
-//! Test-side tooling: it uses system tools (`mksquashfs`, `mkfs.ext4`, `qemu-system-x86_64`).
+//! Test-side tooling: it uses system tools (`mkfs.ext4`, `qemu-system-x86_64`) and builds root images with
+//! image-tools' library (`image-tool build`).
 //!
 //! A [`Host`] is one `qemu-system-x86_64` process: the shared kernel and initramfs
 //! (`-kernel`/`-initrd`), one raw disk on virtio-blk, user-mode networking (the guest is 10.0.2.15
@@ -24,21 +25,24 @@ use crate::initramfs::{InitramfsSpec, Kernel, build_initramfs};
 use crate::modules::GUEST_MODULES;
 use crate::rootfs::{RootfsSpec, write_rootfs};
 
-/// Builds a read-only root image (squashfs) from a directory written by
-/// [`crate::rootfs::write_rootfs`].
-pub fn build_root_image(dir: &Path, out: &Path) -> Result<()> {
-    run_tool(
-        Command::new("mksquashfs")
-            .arg(dir)
-            .arg(out)
-            .args(["-noappend", "-all-root", "-quiet", "-no-progress"])
-            .args(["-comp", "zstd"]),
-        &format!(
+/// Builds a read-only root image (a reproducible squashfs, with `image-tool build`'s library
+/// function) of `version` from a directory written by [`crate::rootfs::write_rootfs`].
+pub fn build_root_image(dir: &Path, version: &str, out: &Path) -> Result<u64> {
+    let version = semver::Version::parse(version)
+        .with_context(|| format!("root image version {version:?}"))?;
+    image_tools::squashfs::build(&image_tools::squashfs::BuildOptions {
+        rootfs: dir.to_path_buf(),
+        version,
+        out: out.to_path_buf(),
+        mtime: 0,
+    })
+    .with_context(|| {
+        format!(
             "building root image {} from {}",
             out.display(),
             dir.display()
-        ),
-    )
+        )
+    })
 }
 
 fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
@@ -505,7 +509,7 @@ impl BootKit {
         let dir = self.work.join(format!("rootfs-{name}"));
         write_rootfs(spec, &dir)?;
         let out = self.work.join(format!("{name}.img"));
-        build_root_image(&dir, &out)?;
+        build_root_image(&dir, &spec.version, &out)?;
         Ok(out)
     }
 

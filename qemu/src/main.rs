@@ -40,7 +40,7 @@ enum Cmd {
         /// Output directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// Also build a squashfs image at this path.
+        /// Also build the image at this path (as `image-tool build` does).
         #[arg(long)]
         image: Option<PathBuf>,
         #[arg(long)]
@@ -168,7 +168,7 @@ fn rootfs(a: RootfsArgs) -> Result<()> {
     write_rootfs(&spec, &a.out)?;
     println!("root tree {} (version {})", a.out.display(), a.version);
     if let Some(image) = a.image {
-        build_root_image(&a.out, &image)?;
+        build_root_image(&a.out, &a.version, &image)?;
         println!("root image {}", image.display());
     }
     Ok(())
