@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use twinroot_format::slot::{SlotName, staged};
-use twinroot_qemu::harness::{GOOD, Host, HostConfig, HostDisk, TEST_LAYOUT, build_root_image};
+use twinroot_qemu::harness::{
+    GOOD, Host, HostConfig, HostDisk, TEST_LAYOUT, build_root_image, pvh_kernel,
+};
 use twinroot_qemu::initramfs::{InitramfsSpec, Kernel, build_initramfs};
 use twinroot_qemu::modules::GUEST_MODULES;
 use twinroot_qemu::rootfs::{AgentSpec, InitBehaviour, RootfsSpec, write_rootfs};
@@ -79,6 +81,7 @@ enum Cmd {
         disk: PathBuf,
         #[arg(long)]
         initrd: PathBuf,
+        /// Kernel image (default: the newest installed, booted as its PVH vmlinux when possible).
         #[arg(long)]
         kernel: Option<PathBuf>,
         /// Console log file.
@@ -200,7 +203,11 @@ fn run(
 ) -> Result<()> {
     let kernel_image = match kernel_image {
         Some(k) => k,
-        None => kernel(None)?.image,
+        None => {
+            let k = kernel(None)?;
+            let cache = std::env::temp_dir().join("twinroot-kernel-cache");
+            pvh_kernel(&k, &cache)?.unwrap_or(k.image)
+        }
     };
     let mut config = HostConfig::new("host", disk, &kernel_image, initrd, log);
     config.memory_mib = memory_mib;
