@@ -31,7 +31,8 @@ fn fails(args: &[&str], needles: &[&str]) -> String {
     let out = image_tool(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "image-tool {args:?} succeeded");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // 1: the command failed; 2: clap rejected the command line.
+    assert!(matches!(out.status.code(), Some(1 | 2)), "{stderr}");
     for needle in needles {
         assert!(
             stderr.contains(needle),
@@ -693,4 +694,101 @@ fn disk_create_and_show() {
     f.assert_only(&[
         "b", "disk", "img", "k1", "k1.pub", "k2", "k2.pub", "k3", "k3.pub", "ring",
     ]);
+}
+
+#[test]
+fn failed_commands_leave_no_output() {
+    let f = Fixture::standard();
+    let standard = [
+        "b", "img", "k1", "k1.pub", "k2", "k2.pub", "k3", "k3.pub", "ring",
+    ];
+    fails(
+        &[
+            "bundle",
+            "--image",
+            &f.p("nope"),
+            "--version",
+            "1.0.0",
+            "--key",
+            &f.p("k1"),
+            "--out",
+            &f.p("o"),
+        ],
+        &["nope", "cannot open image"],
+    );
+    fails(
+        &[
+            "bundle",
+            "--image",
+            &f.p("img"),
+            "--version",
+            "1.0.0",
+            "--key",
+            &f.p("k1"),
+            "--key",
+            &f.p("k1"),
+            "--out",
+            &f.p("o"),
+        ],
+        &["given twice"],
+    );
+    fails(
+        &[
+            "keyring",
+            "--public",
+            &f.p("k1"),
+            "--threshold",
+            "1",
+            "--out",
+            &f.p("o"),
+        ],
+        &["k1", "not an ed25519 public key"],
+    );
+    fails(
+        &[
+            "disk",
+            "create",
+            "--out",
+            &f.p("o"),
+            "--slot-size",
+            "4M",
+            "--image",
+            &f.p("nope"),
+        ],
+        &["nope"],
+    );
+    fails(
+        &[
+            "bundle",
+            "--image",
+            &f.p("img"),
+            "--version",
+            "x.y",
+            "--key",
+            &f.p("k1"),
+            "--out",
+            &f.p("o"),
+        ],
+        &["x.y"],
+    );
+    f.assert_only(&standard);
+
+    // A failed bundle over an existing file leaves the old file untouched.
+    let before = f.read("b");
+    fails(
+        &[
+            "bundle",
+            "--image",
+            &f.p("img"),
+            "--version",
+            "1.0.0",
+            "--key",
+            &f.p("k1.pub"),
+            "--out",
+            &f.p("b"),
+        ],
+        &["k1.pub"],
+    );
+    assert_eq!(f.read("b"), before);
+    f.assert_only(&standard);
 }
