@@ -68,3 +68,97 @@ pub fn install(common: &Common, bundle: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `update-agent daemon`: runs the agent until SIGTERM.
+pub fn daemon(common: &Common) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    crate::daemon::run(settings)
+}
+
+/// Calls the daemon over D-Bus with a long method timeout (installs take minutes).
+fn with_proxy<T>(
+    common: &Common,
+    f: impl AsyncFnOnce(crate::dbus::Agent1Proxy<'static>) -> zbus::Result<T>,
+) -> anyhow::Result<T> {
+    let settings = common.settings()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let conn = crate::dbus::connect(
+            &settings.bus,
+            Some(std::time::Duration::from_secs(6 * 3600)),
+        )
+        .await
+        .with_context(|| format!("cannot connect to the D-Bus bus {:?}", settings.bus))?
+        .ok_or_else(|| anyhow!("dbus.bus is \"none\": the daemon has no D-Bus API here"))?;
+        let proxy = crate::dbus::Agent1Proxy::new(&conn)
+            .await
+            .context("cannot reach the agent on the bus")?;
+        f(proxy)
+            .await
+            .map_err(|e| anyhow!("{}: {e}", crate::dbus::BUS_NAME))
+    })
+}
+
+/// `update-agent status`.
+pub fn status(common: &Common) -> anyhow::Result<()> {
+    let (op, progress, current, new, last_check, last_error) =
+        with_proxy(common, async |p| p.get_status().await)?;
+    println!("operation: {op}");
+    if progress > 0.0 {
+        println!("progress: {:.1}%", progress * 100.0);
+    }
+    println!("current version: {current}");
+    if !new.is_empty() {
+        println!("new version: {new}");
+    }
+    if last_check > 0 {
+        let t = jiff::Timestamp::from_second(last_check as i64)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        println!("last check: {t}");
+    }
+    if !last_error.is_empty() {
+        println!("last error: {last_error}");
+    }
+    Ok(())
+}
+
+/// `update-agent check`.
+pub fn check(common: &Common) -> anyhow::Result<()> {
+    println!("{}", with_proxy(common, async |p| p.check_now().await)?);
+    Ok(())
+}
+
+/// `update-agent apply-now`.
+pub fn apply_now(common: &Common) -> anyhow::Result<()> {
+    println!("{}", with_proxy(common, async |p| p.apply_now().await)?);
+    Ok(())
+}
+
+/// `update-agent rollback`.
+pub fn rollback(common: &Common) -> anyhow::Result<()> {
+    println!("{}", with_proxy(common, async |p| p.rollback().await)?);
+    Ok(())
+}
+
+/// `update-agent unquarantine VERSION`: lets a version this host rolled back from be installed
+/// again (edits the state file; run while the daemon is stopped or idle).
+pub fn unquarantine(common: &Common, version: &str) -> anyhow::Result<()> {
+    use crate::state::StateStore;
+    let settings = common.settings()?;
+    let mut store = crate::state::FileStateStore::new(&settings.agent.state_dir);
+    let mut state = store.load()?;
+    let before = state.quarantined.len();
+    state.quarantined.retain(|v| v != version);
+    if state.quarantined.len() == before {
+        return Err(anyhow!(
+            "version {version} is not quarantined in {}",
+            store.path().display()
+        ));
+    }
+    store.save(&state)?;
+    println!("version {version} may be installed again");
+    Ok(())
+}

@@ -292,6 +292,24 @@ pub enum BusChoice {
     None,
 }
 
+impl std::str::FromStr for BusChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "system" => Ok(BusChoice::System),
+            "session" => Ok(BusChoice::Session),
+            "none" => Ok(BusChoice::None),
+            addr if addr.contains(':') && addr.contains('=') => {
+                Ok(BusChoice::Address(addr.to_string()))
+            }
+            other => Err(format!(
+                "unknown bus {other:?} (expected system, session, none or a bus address)"
+            )),
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -161,6 +161,7 @@ pub struct Overrides {
     pub current_version: Option<semver::Version>,
     pub allow_downgrade: bool,
     pub board: Option<String>,
+    pub bus: Option<config::BusChoice>,
 }
 
 impl Overrides {
@@ -185,6 +186,9 @@ impl Overrides {
         }
         if let Some(b) = &self.board {
             s.agent.board = Some(b.clone());
+        }
+        if let Some(b) = &self.bus {
+            s.bus = b.clone();
         }
     }
 }

@@ -45,6 +45,9 @@ struct CommonArgs {
     /// This host's board name.
     #[arg(long, global = true)]
     board: Option<String>,
+    /// D-Bus bus: system, session, none or an address (unix:path=...).
+    #[arg(long, global = true)]
+    bus: Option<update_agent::config::BusChoice>,
 }
 
 impl CommonArgs {
@@ -60,6 +63,7 @@ impl CommonArgs {
                 current_version: self.current_version.clone(),
                 allow_downgrade: self.allow_downgrade,
                 board: self.board.clone(),
+                bus: self.bus.clone(),
             },
         }
     }
@@ -72,6 +76,18 @@ enum Command {
         /// Bundle file or URL.
         bundle: String,
     },
+    /// Run the agent (post-boot checks, update polling, reboots, D-Bus API).
+    Daemon,
+    /// Show what the running agent is doing (over D-Bus).
+    Status,
+    /// Ask the running agent to check for an update now and install it.
+    Check,
+    /// Ask the running agent to check, install and reboot now.
+    ApplyNow,
+    /// Cancel a staged update, or make the previous slot the next boot.
+    Rollback,
+    /// Allow a version this host rolled back from to be installed again.
+    Unquarantine { version: String },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +110,12 @@ fn main() -> ExitCode {
     let common = cli.common.common();
     let result = match &cli.command {
         Command::Install { bundle } => commands::install(&common, bundle),
+        Command::Daemon => commands::daemon(&common),
+        Command::Status => commands::status(&common),
+        Command::Check => commands::check(&common),
+        Command::ApplyNow => commands::apply_now(&common),
+        Command::Rollback => commands::rollback(&common),
+        Command::Unquarantine { version } => commands::unquarantine(&common, version),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,14 +29,14 @@ pub struct Seen {
     pub body: Vec<u8>,
 }
 
-type OmahaHandler = Box<dyn Fn(&[u8]) -> String + Send + Sync>;
+type PostHandler = Box<dyn Fn(&str, &[u8]) -> (u16, String) + Send + Sync>;
 
 #[derive(Default)]
 struct Shared {
     files: HashMap<String, Arc<Vec<u8>>>,
     /// For each coming GET: cut the connection after this many body bytes.
     cuts: VecDeque<u64>,
-    omaha: Option<OmahaHandler>,
+    post: Option<PostHandler>,
     seen: Vec<Seen>,
 }
 
@@ -103,8 +103,28 @@ impl TestServer {
             .extend(after.iter().copied());
     }
 
-    pub fn on_omaha(&self, f: impl Fn(&[u8]) -> String + Send + Sync + 'static) {
-        self.shared.lock().unwrap().omaha = Some(Box::new(f));
+    /// Answers every POST (Omaha, FleetLock) with `f(path, body) -> (status, body)`.
+    pub fn on_post(&self, f: impl Fn(&str, &[u8]) -> (u16, String) + Send + Sync + 'static) {
+        self.shared.lock().unwrap().post = Some(Box::new(f));
+    }
+
+    /// Omaha requests received so far, parsed.
+    pub fn omaha_requests(&self) -> Vec<twinroot_format::omaha::Request> {
+        self.seen()
+            .iter()
+            .filter(|s| s.method == "POST" && s.path == "/v1/update/")
+            .map(|s| twinroot_format::omaha::Request::parse(&s.body).unwrap())
+            .collect()
+    }
+
+    /// (type, result, errorcode) of every Omaha event received so far.
+    pub fn omaha_events(&self) -> Vec<(u32, u32, Option<i64>)> {
+        self.omaha_requests()
+            .iter()
+            .flat_map(|r| r.apps.iter())
+            .flat_map(|a| a.events.iter())
+            .map(|e| (e.event_type, e.event_result, e.error_code))
+            .collect()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -168,17 +188,17 @@ fn serve(conn: TcpStream, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
             None
         };
         let omaha = if method == "POST" {
-            s.omaha.as_ref().map(|f| f(&body))
+            s.post.as_ref().map(|f| f(&path, &body))
         } else {
             None
         };
         (file, cut, omaha)
     };
-    if let Some(xml) = omaha {
+    if let Some((status, text)) = omaha {
         write!(
             conn,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
-            xml.len()
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
         )?;
         return Ok(());
     }
@@ -386,3 +406,40 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An Omaha response offering `version` at `base_url` + `name`, or no update.
+pub fn omaha_response(app_id: &str, offer: Option<(&str, &str, &str, u64)>) -> String {
+    use twinroot_format::omaha::*;
+    let update_check = Some(match offer {
+        None => UpdateCheckResponse::NoUpdate,
+        Some((base_url, name, version, size)) => UpdateCheckResponse::Ok(UpdateOffer {
+            urls: vec![base_url.to_string()],
+            version: version.to_string(),
+            packages: vec![Package {
+                name: name.to_string(),
+                size,
+                hash_sha1_base64: None,
+                hash_sha256_hex: None,
+                required: true,
+            }],
+            actions: vec![Action {
+                event: "postinstall".into(),
+                sha256_base64: Some("AAAA".into()),
+                disable_payload_backoff: Some(true),
+            }],
+        }),
+    });
+    Response {
+        protocol: "3.0".into(),
+        server: Some("test".into()),
+        daystart: None,
+        apps: vec![AppResponse {
+            update_check,
+            ping: true,
+            ..AppResponse::ok(app_id)
+        }],
+    }
+    .to_xml()
+}
+
+pub const APP_ID: &str = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}";

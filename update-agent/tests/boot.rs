@@ -1,0 +1,322 @@
+//! Post-boot checks, revert and rollback reporting: the agent core on disk image files against a
+//! real HTTP server (Omaha + bundle + FleetLock), with the boot selector applied between boots.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+use twinroot_format::keyring::Keyring;
+use twinroot_format::slot::SlotName;
+use update_agent::agent::{
+    Agent, AgentPolicy, BootOutcome, CheckOutcome, Host, Identity, RebootDecision,
+};
+use update_agent::apply::InstallPolicy;
+use update_agent::config::RebootStrategy;
+use update_agent::host::{HostChecks, RealSources};
+use update_agent::net::{FleetLockClient, HttpOmaha, RebootLock, http_client};
+use update_agent::reboot::SystemClock;
+use update_agent::sim::{self, RecordingRebooter};
+use update_agent::slots::{BootedSlot, GptSlotTable};
+use update_agent::state::{FileStateStore, StateStore};
+
+struct World {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    keyring: PathBuf,
+    server: TestServer,
+    rt: tokio::runtime::Runtime,
+    reboots: Arc<AtomicU32>,
+    image: Vec<u8>,
+}
+
+fn world(strategy_lock: bool) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(dir.path(), 8 * MIB, &image(MIB as usize, 1));
+    let keys = keys(dir.path());
+    let img = image(3 * MIB as usize, 2);
+    let bundle = make_bundle(
+        &BundleSpec {
+            image: &img,
+            version: "1.1.0",
+            frame: MIB as usize,
+            board: None,
+        },
+        &keys.signing,
+    );
+    let server = TestServer::start();
+    let size = bundle.len() as u64;
+    server.put("/payloads/os-1.1.0.tbdl", bundle);
+    let base = server.url("/payloads/");
+    server.on_post(move |path, _body| match path {
+        "/v1/update/" => (
+            200,
+            omaha_response(APP_ID, Some((&base, "os-1.1.0.tbdl", "1.1.0", size))),
+        ),
+        "/v1/pre-reboot" | "/v1/steady-state" if strategy_lock => (200, String::new()),
+        _ => (404, String::new()),
+    });
+    World {
+        disk,
+        keyring: keys.keyring_path,
+        server,
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        reboots: Arc::new(AtomicU32::new(0)),
+        image: img,
+        dir,
+    }
+}
+
+fn hook(dir: &Path, sub: &str, name: &str, script: &str) {
+    let d = dir.join(sub);
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+impl World {
+    fn checks_dir(&self, version: &str) -> PathBuf {
+        self.dir.path().join(format!("checks-{version}"))
+    }
+
+    /// A fresh agent process on the host as it booted now.
+    fn agent(&self, booted: SlotName, version: &str, strategy: RebootStrategy) -> Agent {
+        let client = http_client(Duration::from_secs(10)).unwrap();
+        let lock: Option<Box<dyn RebootLock>> =
+            (strategy == RebootStrategy::Coordinated).then(|| {
+                Box::new(FleetLockClient {
+                    client: client.clone(),
+                    rt: self.rt.handle().clone(),
+                    base_url: self.server.url(""),
+                    id: "machine-1".into(),
+                    group: "default".into(),
+                }) as Box<dyn RebootLock>
+            });
+        let host = Host {
+            slots: Box::new(GptSlotTable::open(&self.disk, BootedSlot::new(booted)).unwrap()),
+            store: Box::new(FileStateStore::new(self.dir.path().join("state"))),
+            omaha: Some(Box::new(HttpOmaha {
+                client: client.clone(),
+                rt: self.rt.handle().clone(),
+                url: self.server.url("/v1/update/"),
+            })),
+            sources: Box::new(RealSources {
+                client,
+                rt: self.rt.handle().clone(),
+            }),
+            lock,
+            rebooter: Box::new(RecordingRebooter {
+                requests: self.reboots.clone(),
+            }),
+            clock: Box::new(SystemClock),
+            checks: Box::new(HostChecks {
+                dir: self.checks_dir(version),
+                timeout: Duration::from_secs(20),
+                system_not_degraded: false,
+                rt: self.rt.handle().clone(),
+            }),
+        };
+        let policy = AgentPolicy {
+            install: InstallPolicy {
+                current_version: version.parse().unwrap(),
+                allow_downgrade: false,
+                board: None,
+                tries: 1,
+                download_retries: 2,
+                retry_base: Duration::from_millis(10),
+                checkpoint_every: MIB,
+            },
+            strategy,
+            windows: vec![],
+            check_server_reachable: true,
+        };
+        let identity = Identity {
+            app_id: APP_ID.into(),
+            track: "stable".into(),
+            machine_id: "machine-1".into(),
+            boot_id: "{boot}".into(),
+            board: None,
+        };
+        Agent::new(
+            host,
+            BootedSlot::new(booted),
+            identity,
+            policy,
+            Keyring::load(&self.keyring).unwrap(),
+        )
+    }
+
+    fn power_cycle(&self) -> SlotName {
+        let mut table = GptSlotTable::open(&self.disk, BootedSlot::new(SlotName::A)).unwrap();
+        sim::boot(&mut table).unwrap().expect("a bootable slot")
+    }
+
+    fn state(&self) -> update_agent::state::PersistentState {
+        FileStateStore::new(self.dir.path().join("state"))
+            .load()
+            .unwrap()
+    }
+
+    /// Installs 1.1.0 from A and reboots into it.
+    fn stage_and_boot_new(&self, strategy: RebootStrategy) -> SlotName {
+        let mut agent = self.agent(SlotName::A, "1.0.0", strategy);
+        assert_eq!(agent.after_boot().unwrap(), BootOutcome::Steady);
+        assert_eq!(
+            agent.check().unwrap(),
+            CheckOutcome::Installed {
+                version: "1.1.0".into()
+            }
+        );
+        assert_eq!(
+            slot_bytes(&self.disk, SlotName::B, self.image.len() as u64),
+            self.image
+        );
+        assert_eq!(
+            agent.reboot_if_due(false).unwrap(),
+            RebootDecision::Rebooted
+        );
+        assert_eq!(self.reboots.load(Ordering::SeqCst), 1);
+        self.power_cycle()
+    }
+}
+
+#[test]
+fn failed_required_hook_reverts_and_the_old_slot_reports_the_rollback() {
+    let w = world(false);
+    hook(
+        &w.checks_dir("1.1.0"),
+        "required.d",
+        "50-app",
+        "echo app down >&2; exit 1",
+    );
+    let slot = w.stage_and_boot_new(RebootStrategy::Immediate);
+    assert_eq!(slot, SlotName::B);
+
+    let mut agent = w.agent(SlotName::B, "1.1.0", RebootStrategy::Immediate);
+    match agent.after_boot().unwrap() {
+        BootOutcome::MarkedBad { version, reason } => {
+            assert_eq!(version, "1.1.0");
+            assert!(
+                reason.contains("50-app") && reason.contains("app down"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected MarkedBad, got {other:?}"),
+    }
+    let s = slots(&w.disk);
+    assert_eq!(s[1].attrs.priority, 0, "bad slot B must be unbootable");
+    assert!(s[0].attrs.is_bootable());
+    assert_eq!(
+        agent.reboot_if_due(false).unwrap(),
+        RebootDecision::Rebooted
+    );
+    assert_eq!(w.power_cycle(), SlotName::A);
+
+    let mut agent = w.agent(SlotName::A, "1.0.0", RebootStrategy::Immediate);
+    assert_eq!(
+        agent.after_boot().unwrap(),
+        BootOutcome::RolledBack {
+            version: "1.1.0".into()
+        }
+    );
+    let events = w.server.omaha_events();
+    assert!(events.contains(&(13, 1, None)), "{events:?}");
+    assert!(events.contains(&(14, 1, None)), "{events:?}");
+    assert!(events.contains(&(3, 1, None)), "{events:?}");
+    assert!(
+        events.contains(&(3, 0, Some(40))),
+        "health check failure: {events:?}"
+    );
+    assert_eq!(
+        events.last(),
+        Some(&(3, 0, Some(44))),
+        "rollback last: {events:?}"
+    );
+    let rollback_req = w.server.omaha_requests().pop().unwrap();
+    assert_eq!(rollback_req.apps[0].version.as_deref(), Some("1.0.0"));
+    assert_eq!(
+        rollback_req.apps[0].events[0].previous_version.as_deref(),
+        Some("1.1.0")
+    );
+    assert!(w.state().is_quarantined("1.1.0"));
+
+    // The server still offers 1.1.0: refused, slot B stays unbootable.
+    match agent.check().unwrap() {
+        CheckOutcome::Refused { version, .. } => assert_eq!(version, "1.1.0"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert!(!slots(&w.disk)[1].attrs.is_bootable());
+    assert_eq!(agent.reboot_if_due(false).unwrap(), RebootDecision::Nothing);
+}
+
+#[test]
+fn wanted_hook_failure_still_marks_good_and_releases_the_reboot_slot() {
+    let w = world(true);
+    hook(&w.checks_dir("1.1.0"), "required.d", "10-ok", "echo fine");
+    hook(
+        &w.checks_dir("1.1.0"),
+        "wanted.d",
+        "20-slow-cache",
+        "echo cache cold >&2; exit 2",
+    );
+    assert_eq!(
+        w.stage_and_boot_new(RebootStrategy::Coordinated),
+        SlotName::B
+    );
+    let paths: Vec<String> = w.server.seen().iter().map(|s| s.path.clone()).collect();
+    assert!(paths.contains(&"/v1/pre-reboot".to_string()), "{paths:?}");
+    assert!(
+        !paths.contains(&"/v1/steady-state".to_string()),
+        "{paths:?}"
+    );
+    assert!(w.state().reboot_lock_held);
+
+    let mut agent = w.agent(SlotName::B, "1.1.0", RebootStrategy::Coordinated);
+    assert_eq!(
+        agent.after_boot().unwrap(),
+        BootOutcome::MarkedGood {
+            version: "1.1.0".into()
+        }
+    );
+    let report = agent.last_report.clone().unwrap();
+    assert!(report.healthy());
+    let warning = report.warnings().next().unwrap();
+    assert_eq!(warning.name, "20-slow-cache");
+    assert_eq!(warning.stderr, "cache cold\n");
+    let s = slots(&w.disk);
+    assert!(
+        s[1].attrs.successful && s[1].attrs.tries == 0 && s[1].attrs.priority > s[0].attrs.priority
+    );
+    assert!(w.server.omaha_events().contains(&(3, 2, None)));
+    let paths: Vec<String> = w.server.seen().iter().map(|s| s.path.clone()).collect();
+    assert!(paths.contains(&"/v1/steady-state".to_string()), "{paths:?}");
+    assert!(!w.state().reboot_lock_held);
+    assert_eq!(
+        w.power_cycle(),
+        SlotName::B,
+        "the good new slot keeps booting"
+    );
+}
+
+#[test]
+fn a_new_slot_that_never_comes_up_is_rolled_back_by_the_boot_selector() {
+    let w = world(false);
+    assert_eq!(w.stage_and_boot_new(RebootStrategy::Immediate), SlotName::B);
+    // The new OS crashes before the agent runs; the next power-on falls back to A.
+    assert_eq!(w.power_cycle(), SlotName::A);
+    let mut agent = w.agent(SlotName::A, "1.0.0", RebootStrategy::Immediate);
+    assert_eq!(
+        agent.after_boot().unwrap(),
+        BootOutcome::RolledBack {
+            version: "1.1.0".into()
+        }
+    );
+    assert_eq!(w.server.omaha_events().last(), Some(&(3, 0, Some(44))));
+    assert_eq!(slots(&w.disk)[1].attrs.priority, 0);
+    assert!(w.state().is_quarantined("1.1.0"));
+}
