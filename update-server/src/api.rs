@@ -275,6 +275,9 @@ async fn promote(
     Json(body): Json<PromoteBody>,
 ) -> ApiResult {
     let now = chrono::Utc::now().timestamp();
+    // Read before the transaction: on SQLite the pool has one connection, which the
+    // transaction holds.
+    let channels = s.store.channels().await.or_500()?;
     let mut tx = s.store.begin().await.or_500()?;
     if Store::release_in(&mut tx, &version)
         .await
@@ -292,7 +295,6 @@ async fn promote(
             format!("channel {} does not exist", body.channel),
         ));
     };
-    let channels = s.store.channels().await.or_500()?;
     let previous = channels
         .iter()
         .filter(|c| c.position < channel.position)
@@ -327,7 +329,7 @@ async fn promote(
         .await
         .map_err(|e| internal(e.into()))?;
     // A new release starts its rollouts afresh; an automatic halt belonged to the old release.
-    sqlx::query("UPDATE rollouts SET started_at = $1, paused = CASE WHEN auto_halted = 1 THEN 0 ELSE paused END, pause_reason = CASE WHEN auto_halted = 1 THEN NULL ELSE pause_reason END, auto_halted = 0 WHERE channel = $2")
+    sqlx::query("UPDATE rollouts SET started_at = $1, counts_since = $1 * 1000, paused = CASE WHEN auto_halted = 1 THEN 0 ELSE paused END, pause_reason = CASE WHEN auto_halted = 1 THEN NULL ELSE pause_reason END, auto_halted = 0 WHERE channel = $2")
         .bind(now)
         .bind(&channel.name)
         .execute(&mut *tx)
@@ -545,6 +547,13 @@ async fn set_pause(s: Shared, channel: String, body: PauseBody, paused: bool) ->
     )
     .await
     .or_500()?;
+    if changed && !paused {
+        // Failures before the resume were judged already; count afresh from here.
+        let now_ms = chrono::Utc::now().timestamp_millis() + 1;
+        Store::reset_counts_since(&mut tx, &channel, &group, now_ms)
+            .await
+            .or_500()?;
+    }
     if !changed {
         return Err(json_error(
             StatusCode::NOT_FOUND,

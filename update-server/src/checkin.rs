@@ -145,6 +145,7 @@ async fn checkin_app(
         granted_at: None,
         outcome: None,
         outcome_version: None,
+        outcome_at: None,
         failed_version: None,
         first_seen: ts,
         last_seen: ts,
@@ -181,13 +182,14 @@ async fn checkin_app(
         inst.status = "complete".to_string();
         inst.outcome = Some("success".to_string());
         inst.outcome_version = inst.target_version.clone();
+        inst.outcome_at = Some(now.timestamp_millis());
         Store::insert_history(&mut tx, &history(&inst, None)).await?;
     }
 
     // Events first: they change what the host's status is.
     let mut failure_versions = Vec::new();
     for ev in &app.events {
-        apply_event(&mut inst, ev);
+        apply_event(&mut inst, ev, now.timestamp_millis());
         if ev.is_failure()
             && let Some(v) = inst.outcome_version.clone()
         {
@@ -198,15 +200,27 @@ async fn checkin_app(
     Store::upsert_instance(&mut tx, &inst).await?;
 
     // Automatic halt, judged right when a failure arrives.
-    if let Some(r) = &rollout
+    let mut rollout = rollout;
+    if let Some(r) = rollout.as_mut()
         && !r.paused
     {
         for v in failure_versions {
-            let counts =
-                Store::counts(&mut tx, &channel, &rollout_group, &v, &r.policy, ts).await?;
+            let counts = Store::counts(
+                &mut tx,
+                &channel,
+                &rollout_group,
+                &v,
+                &r.policy,
+                r.counts_since,
+                ts,
+            )
+            .await?;
             if let Some(reason) = policy::halt_reason(r.policy.halt.as_ref(), &counts) {
                 halt(&mut tx, &channel, &rollout_group, &v, &reason, ts).await?;
                 summary.halted.push(channel.clone());
+                r.paused = true;
+                r.auto_halted = true;
+                r.pause_reason = Some(reason);
                 break;
             }
         }
@@ -234,7 +248,7 @@ async fn checkin_app(
 }
 
 /// Applies one event to the host's record.
-fn apply_event(inst: &mut InstanceRow, ev: &omaha::Event) {
+fn apply_event(inst: &mut InstanceRow, ev: &omaha::Event, now_ms: i64) {
     let target = inst.target_version.clone().or(inst.version.clone());
     if ev.is_failure() {
         let rollback = ev.error_code == Some(omaha::error_code::ROLLBACK);
@@ -242,6 +256,7 @@ fn apply_event(inst: &mut InstanceRow, ev: &omaha::Event) {
         inst.error_code = ev.error_code;
         inst.outcome = Some("failure".to_string());
         inst.outcome_version = target.clone();
+        inst.outcome_at = Some(now_ms);
         inst.failed_version = target;
         return;
     }
@@ -254,6 +269,7 @@ fn apply_event(inst: &mut InstanceRow, ev: &omaha::Event) {
             inst.error_code = None;
             inst.outcome = Some("success".to_string());
             inst.outcome_version = inst.version.clone().or(target);
+            inst.outcome_at = Some(now_ms);
         }
         (_, event_result::DEFERRED) => inst.status = "deferred".into(),
         _ => {}
@@ -337,7 +353,16 @@ async fn decide_update(
                 .granted_at
                 .is_some_and(|g| g > ts - r.policy.in_flight_timeout_secs),
     };
-    let counts = Store::counts(tx, &r.channel, &r.group, &release.version, &r.policy, ts).await?;
+    let counts = Store::counts(
+        tx,
+        &r.channel,
+        &r.group,
+        &release.version,
+        &r.policy,
+        r.counts_since,
+        ts,
+    )
+    .await?;
     let view = ReleaseView {
         version,
         salt: release.salt.clone(),
@@ -364,6 +389,7 @@ async fn decide_update(
             inst.error_code = None;
             inst.outcome = None;
             inst.outcome_version = None;
+            inst.outcome_at = None;
             Ok((UpdateCheckResponse::Ok(offer), true))
         }
         Decision::Hold(Hold::HaltTriggered(reason)) => {

@@ -70,6 +70,7 @@ CREATE TABLE rollouts (
     pause_reason TEXT,
     auto_halted BIGINT NOT NULL,
     started_at BIGINT NOT NULL,
+    counts_since BIGINT NOT NULL,
     PRIMARY KEY (channel, grp)
 );
 CREATE TABLE instances (
@@ -87,6 +88,7 @@ CREATE TABLE instances (
     granted_at BIGINT,
     outcome TEXT,
     outcome_version TEXT,
+    outcome_at BIGINT,
     failed_version TEXT,
     first_seen BIGINT NOT NULL,
     last_seen BIGINT NOT NULL,
@@ -168,6 +170,9 @@ pub struct RolloutRow {
     pub pause_reason: Option<String>,
     pub auto_halted: bool,
     pub started_at: i64,
+    /// Outcomes reported before this time (Unix milliseconds) do not count toward the automatic
+    /// halt (set when a release is promoted and when an operator resumes).
+    pub counts_since: i64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -186,6 +191,7 @@ pub struct InstanceRow {
     pub granted_at: Option<i64>,
     pub outcome: Option<String>,
     pub outcome_version: Option<String>,
+    pub outcome_at: Option<i64>,
     pub failed_version: Option<String>,
     pub first_seen: i64,
     pub last_seen: i64,
@@ -260,6 +266,7 @@ fn instance_from_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, sqlx::Error> 
         granted_at: r.try_get("granted_at")?,
         outcome: r.try_get("outcome")?,
         outcome_version: r.try_get("outcome_version")?,
+        outcome_at: r.try_get("outcome_at")?,
         failed_version: r.try_get("failed_version")?,
         first_seen: r.try_get("first_seen")?,
         last_seen: r.try_get("last_seen")?,
@@ -277,10 +284,11 @@ fn rollout_from_row(r: &sqlx::any::AnyRow) -> Result<RolloutRow> {
         pause_reason: r.try_get("pause_reason")?,
         auto_halted: r.try_get::<i64, _>("auto_halted")? != 0,
         started_at: r.try_get("started_at")?,
+        counts_since: r.try_get("counts_since")?,
     })
 }
 
-const INSTANCE_COLUMNS: &str = "machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, failed_version, first_seen, last_seen, checkins";
+const INSTANCE_COLUMNS: &str = "machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, outcome_at, failed_version, first_seen, last_seen, checkins";
 
 impl Store {
     /// Opens (creating if needed) the database and applies migrations.
@@ -381,7 +389,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at) VALUES ($1, '', $2, 0, 0, $3) ON CONFLICT (channel, grp) DO NOTHING",
+                "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at, counts_since) VALUES ($1, '', $2, 0, 0, $3, $3 * 1000) ON CONFLICT (channel, grp) DO NOTHING",
             )
             .bind(*name)
             .bind(&default_policy)
@@ -598,7 +606,7 @@ impl Store {
         started_at: i64,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at) VALUES ($1, $2, $3, 0, 0, $4) ON CONFLICT (channel, grp) DO UPDATE SET policy = excluded.policy",
+            "INSERT INTO rollouts (channel, grp, policy, paused, auto_halted, started_at, counts_since) VALUES ($1, $2, $3, 0, 0, $4, $4 * 1000) ON CONFLICT (channel, grp) DO UPDATE SET policy = excluded.policy",
         )
         .bind(channel)
         .bind(group)
@@ -606,6 +614,22 @@ impl Store {
         .bind(started_at)
         .execute(&mut **tx)
         .await?;
+        Ok(())
+    }
+
+    /// Restarts the automatic-halt count (on resume).
+    pub async fn reset_counts_since(
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE rollouts SET counts_since = $1 WHERE channel = $2 AND grp = $3")
+            .bind(now_ms)
+            .bind(channel)
+            .bind(group)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -636,6 +660,7 @@ impl Store {
         group: &str,
         version: &str,
         policy: &RolloutPolicy,
+        counts_since: i64,
         now: i64,
     ) -> Result<RolloutCounts> {
         let period = policy.rate_limit.as_ref().map_or(0, |r| r.period_secs);
@@ -668,11 +693,12 @@ impl Store {
         };
         let (successes, failures) = if policy.halt.is_some() {
             let rows = sqlx::query(
-                "SELECT outcome, COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND outcome_version = $3 AND outcome IS NOT NULL GROUP BY outcome",
+                "SELECT outcome, COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND outcome_version = $3 AND outcome IS NOT NULL AND outcome_at >= $4 GROUP BY outcome",
             )
             .bind(channel)
             .bind(group)
             .bind(version)
+            .bind(counts_since)
             .fetch_all(&mut **tx)
             .await?;
             let mut s = 0i64;
@@ -733,11 +759,11 @@ impl Store {
 
     pub async fn upsert_instance(tx: &mut Tx, i: &InstanceRow) -> Result<()> {
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
              ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
              rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
              status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
-             granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version,
+             granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version, outcome_at = excluded.outcome_at,
              failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
         )))
         .bind(&i.machine_id)
@@ -754,6 +780,7 @@ impl Store {
         .bind(i.granted_at)
         .bind(i.outcome.clone())
         .bind(i.outcome_version.clone())
+        .bind(i.outcome_at)
         .bind(i.failed_version.clone())
         .bind(i.first_seen)
         .bind(i.last_seen)

@@ -1,0 +1,395 @@
+//! The server as a process: restart keeps state, kill -9 loses no acknowledged event, and the
+//! PostgreSQL path with several server processes on one database.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn admin_get(http: &reqwest::Client, url: &str, token: &str, path: &str) -> Value {
+    let (st, v) = api_call(http, url, Method::GET, path, Some(token), None).await;
+    assert_eq!(st, 200, "GET {path}: {v}");
+    v
+}
+
+async fn admin_send(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Value,
+) -> Value {
+    let (st, v) = api_call(http, url, method, path, Some(token), Some(body)).await;
+    assert!(st < 300, "{path}: {st} {v}");
+    v
+}
+
+async fn snapshot(http: &reqwest::Client, url: &str, token: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for p in [
+        "/api/v1/releases",
+        "/api/v1/channels",
+        "/api/v1/instances",
+        "/api/v1/activity",
+        "/api/v1/instances/r1/history",
+    ] {
+        out.push(admin_get(http, url, token, p).await);
+    }
+    let mut rollouts = admin_get(http, url, token, "/api/v1/rollouts").await;
+    // current_percent moves with the clock; everything else must be identical.
+    for r in rollouts.as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("current_percent");
+    }
+    out.push(rollouts);
+    out
+}
+
+#[tokio::test]
+async fn restart_keeps_all_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let signer = signer(dir.path(), "k");
+    let token = create_token(&data, None, "admin");
+    let http = reqwest::Client::new();
+    let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
+    p.wait_ready().await;
+    let (st, v) = upload(&http, &p.url, bundle(&signer, "2.0.0"), &token).await;
+    assert_eq!(st, 201, "{v}");
+    admin_send(
+        &http,
+        &p.url,
+        &token,
+        Method::POST,
+        "/api/v1/releases/2.0.0/promote",
+        json!({"channel": "alpha"}),
+    )
+    .await;
+    admin_send(
+        &http,
+        &p.url,
+        &token,
+        Method::PUT,
+        "/api/v1/rollouts/alpha",
+        json!({"policy": {"start_percent": 100, "max_in_flight": 5}}),
+    )
+    .await;
+    admin_send(
+        &http,
+        &p.url,
+        &token,
+        Method::POST,
+        "/api/v1/rollouts/beta/pause",
+        json!({"reason": "freeze"}),
+    )
+    .await;
+    let r = omaha_post(&http, &p.url, &ue_request("r1", "1.0.0", "alpha", vec![])).await;
+    assert!(granted(&r).is_some());
+    omaha_post(
+        &http,
+        &p.url,
+        &event_request("r1", "1.0.0", "alpha", vec![ev(13, 1, None)]),
+    )
+    .await;
+    let before = snapshot(&http, &p.url, &token).await;
+    p.terminate();
+
+    let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
+    p.wait_ready().await;
+    let after = snapshot(&http, &p.url, &token).await;
+    assert_eq!(before, after);
+    // The grant is still in flight after the restart: the host is answered again, and the
+    // payload is still served.
+    let offer =
+        granted(&omaha_post(&http, &p.url, &ue_request("r1", "1.0.0", "alpha", vec![])).await)
+            .unwrap();
+    let resp = http.get(offer.payload_url().unwrap()).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    p.terminate();
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = create_token(&data, None, "admin");
+    let http = reqwest::Client::new();
+    let mut p = ServerProcess::spawn(&data, None, None);
+    p.wait_ready().await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let http = http.clone();
+        let url = p.url.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = 0usize;
+            // Bounded: stops at the kill (errors) or after 5,000 requests.
+            for _ in 0..5000 {
+                let req = event_request(&format!("k{t}"), "1.0.0", "stable", vec![ev(13, 1, None)]);
+                let sent = http
+                    .post(format!("{url}/v1/update/"))
+                    .body(req.to_xml())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => {
+                            mine += 1;
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => break,
+                    },
+                    _ => break,
+                }
+            }
+            mine
+        }));
+    }
+    let counter = acked.clone();
+    wait_for(120, "300 acknowledged events", || {
+        let n = counter.load(Ordering::SeqCst);
+        async move { (n >= 300).then_some(()) }
+    })
+    .await;
+    p.kill9();
+    let mut per_task = Vec::new();
+    for t in tasks {
+        per_task.push(t.await.unwrap());
+    }
+    let mut p = ServerProcess::spawn(&data, None, None);
+    p.wait_ready().await;
+    for (t, mine) in per_task.iter().enumerate() {
+        let hist = admin_get(
+            &http,
+            &p.url,
+            &token,
+            &format!("/api/v1/instances/k{t}/history"),
+        )
+        .await;
+        let stored = hist.as_array().unwrap().len();
+        assert!(
+            stored >= *mine,
+            "k{t}: {mine} acknowledged, {stored} stored"
+        );
+    }
+    p.terminate();
+}
+
+/// A private PostgreSQL on a free port, run as the `postgres` user when we are root.
+struct Postgres {
+    _dir: tempfile::TempDir,
+    child: Child,
+    url: String,
+}
+
+fn as_postgres_user(cmd: &mut Command) {
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
+    if euid == 0 {
+        let out = Command::new("id")
+            .args(["-u", "postgres"])
+            .output()
+            .unwrap();
+        let uid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a postgres user");
+        let out = Command::new("id")
+            .args(["-g", "postgres"])
+            .output()
+            .unwrap();
+        let gid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn chown_to_postgres(path: &Path) {
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
+    if euid == 0 {
+        let st = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Postgres {
+    async fn start() -> Postgres {
+        let dir = tempfile::tempdir().unwrap();
+        chown_to_postgres(dir.path());
+        let data = dir.path().join("pgdata");
+        let mut initdb = Command::new("/usr/local/bin/initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_postgres_user(&mut initdb);
+        let out = initdb.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut cmd = Command::new("/usr/local/bin/postgres");
+        cmd.arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=100",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_postgres_user(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let u = url.clone();
+        wait_for(60, "PostgreSQL to accept connections", || {
+            let u = u.clone();
+            async move { update_server::store::Store::open(&u).await.ok().map(|_| ()) }
+        })
+        .await;
+        Postgres {
+            _dir: dir,
+            child,
+            url,
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown.
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn postgres_several_servers_agree() {
+    let pg = Postgres::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let signer = signer(dir.path(), "k");
+    let token = create_token(&data, Some(&pg.url), "admin");
+    let http = reqwest::Client::new();
+    let mut a = ServerProcess::spawn(&data, Some(&pg.url), Some(&signer.keyring_path));
+    let mut b = ServerProcess::spawn(&data, Some(&pg.url), Some(&signer.keyring_path));
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let (st, v) = upload(&http, &a.url, bundle(&signer, "2.0.0"), &token).await;
+    assert_eq!(st, 201, "{v}");
+    admin_send(
+        &http,
+        &b.url,
+        &token,
+        Method::POST,
+        "/api/v1/releases/2.0.0/promote",
+        json!({"channel": "stable", "force": true}),
+    )
+    .await;
+    admin_send(
+        &http,
+        &a.url,
+        &token,
+        Method::PUT,
+        "/api/v1/rollouts/stable",
+        json!({"policy": {"max_in_flight": 3}}),
+    )
+    .await;
+
+    // 16 hosts at once, spread over both servers: the in-flight limit holds fleet-wide.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let http = http.clone();
+        let url = if i % 2 == 0 {
+            a.url.clone()
+        } else {
+            b.url.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = omaha_post(
+                &http,
+                &url,
+                &ue_request(&format!("pg{i}"), "1.0.0", "stable", vec![]),
+            )
+            .await;
+            granted(&r).map(|o| (format!("pg{i}"), o.check().is_ok()))
+        }));
+    }
+    let mut grants = Vec::new();
+    for t in tasks {
+        if let Some((host, valid)) = t.await.unwrap() {
+            assert!(valid);
+            grants.push(host);
+        }
+    }
+    assert_eq!(grants.len(), 3, "{grants:?}");
+    let failed = grants[0].clone();
+
+    // Events through one server are seen through the other.
+    omaha_post(
+        &http,
+        &a.url,
+        &event_request(&failed, "1.0.0", "stable", vec![ev(3, 0, Some(44))]),
+    )
+    .await;
+    let sa = snapshot(&http, &a.url, &token).await;
+    let sb = snapshot(&http, &b.url, &token).await;
+    assert_eq!(sa, sb);
+    let hist = admin_get(
+        &http,
+        &b.url,
+        &token,
+        &format!("/api/v1/instances/{failed}/history"),
+    )
+    .await;
+    assert_eq!(
+        hist.as_array().unwrap().last().unwrap()["status"],
+        "rolled_back"
+    );
+    let inst = admin_get(&http, &b.url, &token, "/api/v1/instances?channel=stable").await;
+    assert_eq!(inst.as_array().unwrap().len(), 16);
+    // The failed host's slot is free again: one more host gets in, through either server.
+    let r = omaha_post(
+        &http,
+        &b.url,
+        &ue_request("pg-late", "1.0.0", "stable", vec![]),
+    )
+    .await;
+    assert!(
+        granted(&r).is_some(),
+        "{:#}",
+        admin_get(&http, &b.url, &token, "/api/v1/instances").await
+    );
+    a.terminate();
+    b.terminate();
+}

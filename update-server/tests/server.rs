@@ -1,0 +1,697 @@
+//! Omaha conformance, releases and promotion, policy rules end to end, automatic halt, auth and
+//! hostile input, against a real server with a real SQLite database.
+
+mod common;
+
+use base64::Engine as _;
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use twinroot_format::omaha::{self, AppRequest, Request, error_code, event_result, event_type};
+
+#[tokio::test]
+async fn update_engine_request_gets_noupdate_then_a_valid_offer() {
+    let s = TestServer::start().await;
+    // No release yet: noupdate, with daystart, ping and status ok as update_engine expects.
+    let r = s.omaha(&ue_request("m1", "1.0.0", "stable", vec![])).await;
+    assert_eq!(r.protocol, "3.0");
+    assert!(r.daystart.is_some());
+    assert_eq!(r.apps[0].status, "ok");
+    assert!(r.apps[0].ping);
+    assert!(is_noupdate(&r));
+
+    s.release_on("2.0.0", "stable").await;
+    let r = s.omaha(&ue_request("m1", "1.0.0", "stable", vec![])).await;
+    let offer = granted(&r).expect("an offer");
+    offer.check().expect("update_engine accepts the offer");
+    assert_eq!(offer.version, "2.0.0");
+
+    // The payload URL serves exactly the bytes the offer describes.
+    let url = offer.payload_url().unwrap();
+    let body = s
+        .http
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let pkg = &offer.packages[0];
+    assert_eq!(body.len() as u64, pkg.size);
+    let sha256_b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
+    assert_eq!(
+        offer.postinstall().unwrap().sha256_base64.as_deref(),
+        Some(sha256_b64.as_str())
+    );
+    let sha1_b64 =
+        base64::engine::general_purpose::STANDARD.encode(<sha1::Sha1 as Digest>::digest(&body));
+    assert_eq!(pkg.hash_sha1_base64.as_deref(), Some(sha1_b64.as_str()));
+
+    // Resumable: a Range request continues where a download stopped; ETag revalidates.
+    let resp = s
+        .http
+        .get(&url)
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    let etag = resp.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(
+        resp.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 100-{}/{}", body.len() - 1, body.len())
+    );
+    assert_eq!(&resp.bytes().await.unwrap()[..], &body[100..]);
+    let resp = s
+        .http
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 304);
+    let resp = s
+        .http
+        .get(&url)
+        .header("range", format!("bytes={}-", body.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 416);
+
+    // The host downloads, installs, reboots, and reports like update_engine: an <event> beside
+    // <updatecheck>, on the new version.
+    for (t, res) in [
+        (event_type::DOWNLOAD_STARTED, event_result::SUCCESS),
+        (event_type::DOWNLOAD_FINISHED, event_result::SUCCESS),
+        (event_type::UPDATE_COMPLETE, event_result::SUCCESS),
+    ] {
+        let r = s
+            .omaha(&event_request(
+                "m1",
+                "1.0.0",
+                "stable",
+                vec![ev(t, res, None)],
+            ))
+            .await;
+        assert_eq!(r.apps[0].events, 1);
+    }
+    let mut after = ev(
+        event_type::UPDATE_COMPLETE,
+        event_result::SUCCESS_REBOOT,
+        None,
+    );
+    after.previous_version = Some("1.0.0".into());
+    let r = s
+        .omaha(&ue_request("m1", "2.0.0", "stable", vec![after]))
+        .await;
+    assert_eq!(r.apps[0].events, 1);
+    assert!(is_noupdate(&r), "current host gets noupdate");
+    let inst = s.get("/api/v1/instances").await;
+    assert_eq!(inst[0]["status"], "complete");
+    assert_eq!(inst[0]["version"], "2.0.0");
+    assert_eq!(inst[0]["outcome"], "success");
+    let hist = s.get("/api/v1/instances/m1/history").await;
+    let statuses: Vec<&str> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "granted",
+            "downloading",
+            "downloaded",
+            "installed",
+            "complete"
+        ]
+    );
+    let timeline = s.get("/api/v1/timeline?bucket_secs=3600").await;
+    assert!(!timeline.as_array().unwrap().is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn several_apps_unknown_apps_and_configurable_app_id() {
+    let s = TestServer::start_with(|c| c.app_id = "{our-app}".into()).await;
+    s.release_on("2.0.0", "stable").await;
+    let mut req = ue_request("m1", "1.0.0", "stable", vec![]);
+    req.apps[0].app_id = "{OUR-APP}".into();
+    req.apps.push(AppRequest {
+        app_id: omaha::FLATCAR_APP_ID.into(),
+        machine_id: Some("m1".into()),
+        version: Some("1.0.0".into()),
+        update_check: Some(Default::default()),
+        ..AppRequest::default()
+    });
+    let r = s.omaha(&req).await;
+    assert_eq!(r.apps.len(), 2);
+    assert!(granted(&r).is_some());
+    assert_eq!(r.apps[1].status, "error-unknownApplication");
+    // Raw update_engine bytes, with attributes we do not know.
+    let raw = r#"<?xml version="1.0" encoding="UTF-8"?>
+<request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" installsource="ondemandupdate" ismachine="1">
+    <os version="Chateau" platform="CoreOS" sp="1.0.0_x86_64"></os>
+    <app appid="{our-app}" version="1.0.0" track="stable" bootid="{b}" oem="" oemversion="" alephversion="1.0.0" machineid="m2" machinealias="" lang="en-US" board="amd64-usr" hardware_class="" delta_okay="false" futureattr="x">
+        <ping active="1"></ping>
+        <updatecheck></updatecheck>
+        <futureelement/>
+    </app>
+</request>"#;
+    let resp = s
+        .http
+        .post(format!("{}/v1/update/", s.url))
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let r = omaha::Response::parse(&resp.bytes().await.unwrap()).unwrap();
+    granted(&r).expect("offer").check().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn promotion_order_force_and_signature_checks() {
+    let s = TestServer::start().await;
+    let bytes = bundle(&s.signer, "3.1.0");
+    let (status, v) = s.upload(bytes.clone(), &s.admin).await;
+    assert_eq!(status, 201, "{v}");
+    let sha = v["sha256"].as_str().unwrap().to_string();
+    assert_eq!(sha, hex::encode(Sha256::digest(&bytes)));
+    // Same bytes again: idempotent.
+    let (status, _) = s.upload(bytes.clone(), &s.admin).await;
+    assert_eq!(status, 200);
+
+    // Skipping alpha is refused without force.
+    let (status, v) = s
+        .api(
+            Method::POST,
+            "/api/v1/releases/3.1.0/promote",
+            Some(&s.admin),
+            Some(json!({"channel": "beta"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("alpha"));
+    for ch in ["alpha", "beta", "stable"] {
+        s.post("/api/v1/releases/3.1.0/promote", json!({"channel": ch}))
+            .await;
+    }
+    let channels = s.get("/api/v1/channels").await;
+    assert!(
+        channels
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["release_version"] == "3.1.0")
+    );
+    // Every channel serves the identical bytes.
+    let mut shas = Vec::new();
+    for ch in ["alpha", "beta", "stable"] {
+        let r = s
+            .omaha(&ue_request(&format!("h-{ch}"), "1.0.0", ch, vec![]))
+            .await;
+        shas.push(
+            granted(&r).unwrap().packages[0]
+                .hash_sha256_hex
+                .clone()
+                .unwrap(),
+        );
+    }
+    assert!(shas.iter().all(|x| *x == sha));
+
+    // Force skips the order.
+    let (status, _) = s.upload(bundle(&s.signer, "3.2.0"), &s.admin).await;
+    assert_eq!(status, 201);
+    s.post(
+        "/api/v1/releases/3.2.0/promote",
+        json!({"channel": "stable", "force": true}),
+    )
+    .await;
+    let releases = s.get("/api/v1/releases").await;
+    let r32 = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["version"] == "3.2.0")
+        .unwrap();
+    assert_eq!(r32["channels"], json!(["stable"]));
+
+    // A bundle signed by a key outside the keyring is refused and nothing is stored.
+    let other = signer(s.dir.path(), "intruder");
+    let (status, v) = s.upload(bundle(&other, "6.6.6"), &s.admin).await;
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("bundle rejected"),
+        "{v}"
+    );
+    // A truncated bundle is refused too.
+    let (status, _) = s.upload(bytes[..bytes.len() - 10].to_vec(), &s.admin).await;
+    assert_eq!(status, 422);
+    let releases = s.get("/api/v1/releases").await;
+    assert_eq!(releases.as_array().unwrap().len(), 2);
+    let blobs = std::fs::read_dir(s.dir.path().join("data/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 2);
+    let activity = s.get("/api/v1/activity").await;
+    assert!(
+        activity
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["message"].as_str().unwrap().contains("forced"))
+    );
+    s.stop().await;
+}
+
+async fn set_policy(s: &TestServer, channel: &str, group: Option<&str>, policy: serde_json::Value) {
+    s.put(
+        &format!("/api/v1/rollouts/{channel}"),
+        json!({"group": group, "policy": policy}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn policy_rules_hold_with_noupdate() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+
+    // 0%: everyone held, as noupdate (never an error status).
+    set_policy(&s, "stable", None, json!({"start_percent": 0})).await;
+    for i in 0..20 {
+        assert!(is_noupdate(
+            &s.omaha(&ue_request(&format!("z{i}"), "1.0.0", "stable", vec![]))
+                .await
+        ));
+    }
+    // A group override at 100% lets the canary group through while the channel holds.
+    set_policy(&s, "stable", Some("canary"), json!({"start_percent": 100})).await;
+    let mut req = ue_request("c1", "1.0.0", "stable", vec![]);
+    req.apps[0].cohort_name = Some("canary".into());
+    assert!(granted(&s.omaha(&req).await).is_some());
+    let mut req = ue_request("c2", "1.0.0", "stable", vec![]);
+    req.apps[0].group = Some("canary".into());
+    assert!(granted(&s.omaha(&req).await).is_some());
+
+    // 50%: the eligible set is stable between check-ins and roughly half.
+    set_policy(&s, "stable", None, json!({"start_percent": 50})).await;
+    let mut first = Vec::new();
+    for i in 0..40 {
+        first.push(
+            granted(
+                &s.omaha(&ue_request(&format!("p{i}"), "1.0.0", "stable", vec![]))
+                    .await,
+            )
+            .is_some(),
+        );
+    }
+    let n = first.iter().filter(|g| **g).count();
+    assert!((8..=32).contains(&n), "{n} of 40 granted at 50%");
+    for (i, was) in first.iter().enumerate() {
+        let again = granted(
+            &s.omaha(&ue_request(&format!("p{i}"), "1.0.0", "stable", vec![]))
+                .await,
+        )
+        .is_some();
+        assert_eq!(again, *was, "host p{i} changed cohort");
+    }
+
+    // Max in flight: 100%, at most 2 hosts granted and not finished.
+    set_policy(&s, "beta", None, json!({"max_in_flight": 2})).await;
+    s.post(
+        "/api/v1/releases/2.0.0/promote",
+        json!({"channel": "beta", "force": true}),
+    )
+    .await;
+    let g: Vec<bool> = {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(
+                granted(
+                    &s.omaha(&ue_request(&format!("f{i}"), "1.0.0", "beta", vec![]))
+                        .await,
+                )
+                .is_some(),
+            );
+        }
+        v
+    };
+    assert_eq!(g, [true, true, false, false]);
+    // f0 finishes; a slot frees up.
+    s.omaha(&ue_request("f0", "2.0.0", "beta", vec![ev(3, 2, None)]))
+        .await;
+    assert!(granted(&s.omaha(&ue_request("f2", "1.0.0", "beta", vec![])).await).is_some());
+    // A host with a grant in flight is answered again.
+    assert!(granted(&s.omaha(&ue_request("f1", "1.0.0", "beta", vec![])).await).is_some());
+
+    // Rate limit: 1 grant per hour on alpha.
+    s.post(
+        "/api/v1/releases/2.0.0/promote",
+        json!({"channel": "alpha", "force": true}),
+    )
+    .await;
+    set_policy(
+        &s,
+        "alpha",
+        None,
+        json!({"rate_limit": {"max_grants": 1, "period_secs": 3600}}),
+    )
+    .await;
+    assert!(granted(&s.omaha(&ue_request("r0", "1.0.0", "alpha", vec![])).await).is_some());
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("r1", "1.0.0", "alpha", vec![])).await
+    ));
+
+    // A window that is never now (a one-minute window on a day other than today) holds.
+    let today = chrono::Utc::now().format("%a").to_string().to_lowercase();
+    let other = if today == "mon" { "tue" } else { "mon" };
+    set_policy(
+        &s,
+        "alpha",
+        None,
+        json!({"windows": [{"days": [other], "start": "00:00", "length_minutes": 1, "time_zone": "UTC"}]}),
+    )
+    .await;
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("w0", "1.0.0", "alpha", vec![])).await
+    ));
+
+    // Pause and resume by hand.
+    set_policy(&s, "alpha", None, json!({})).await;
+    s.post(
+        "/api/v1/rollouts/alpha/pause",
+        json!({"reason": "looking into it"}),
+    )
+    .await;
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("q0", "1.0.0", "alpha", vec![])).await
+    ));
+    let shown = s.get("/api/v1/rollouts/alpha").await;
+    assert_eq!(shown["paused"], true);
+    assert_eq!(shown["pause_reason"], "looking into it");
+    s.post("/api/v1/rollouts/alpha/resume", json!({})).await;
+    assert!(granted(&s.omaha(&ue_request("q0", "1.0.0", "alpha", vec![])).await).is_some());
+
+    // Invalid policies are refused with the field named.
+    let (status, v) = s
+        .api(
+            Method::PUT,
+            "/api/v1/rollouts/alpha",
+            Some(&s.admin),
+            Some(json!({"policy": {"start_percent": 300}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(v["error"].as_str().unwrap().contains("start_percent"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn pin_serves_an_older_release_as_downgrade() {
+    let s = TestServer::start().await;
+    s.release_on("1.0.0", "stable").await;
+    s.release_on("2.0.0", "stable").await;
+    // A host on 2.0.0 is current.
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("d1", "2.0.0", "stable", vec![])).await
+    ));
+    set_policy(&s, "stable", None, json!({"pin": "1.0.0"})).await;
+    let offer = granted(&s.omaha(&ue_request("d1", "2.0.0", "stable", vec![])).await).unwrap();
+    assert_eq!(offer.version, "1.0.0");
+    // Pinning to a release that does not exist is refused.
+    let (status, _) = s
+        .api(
+            Method::PUT,
+            "/api/v1/rollouts/stable",
+            Some(&s.admin),
+            Some(json!({"policy": {"pin": "9.9.9"}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn failures_halt_the_rollout_until_resumed() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    set_policy(
+        &s,
+        "stable",
+        None,
+        json!({"halt": {"max_failure_percent": 40, "min_reports": 3}}),
+    )
+    .await;
+    for i in 0..5 {
+        assert!(
+            granted(
+                &s.omaha(&ue_request(&format!("h{i}"), "1.0.0", "stable", vec![]))
+                    .await
+            )
+            .is_some()
+        );
+    }
+    // One success, then an install error, then a rollback (errorcode 44, reported on the old version).
+    s.omaha(&ue_request("h0", "2.0.0", "stable", vec![ev(3, 2, None)]))
+        .await;
+    s.omaha(&event_request(
+        "h1",
+        "1.0.0",
+        "stable",
+        vec![ev(3, 0, Some(7))],
+    ))
+    .await;
+    // 1 failure of 2 reports: below min_reports, still rolling.
+    assert!(granted(&s.omaha(&ue_request("h5", "1.0.0", "stable", vec![])).await).is_some());
+    s.omaha(&ue_request(
+        "h2",
+        "1.0.0",
+        "stable",
+        vec![ev(3, 0, Some(error_code::ROLLBACK))],
+    ))
+    .await;
+    // 2 of 3 failed (66% > 40%): halted.
+    let shown = s.get("/api/v1/rollouts/stable").await;
+    assert_eq!(shown["paused"], true, "{shown}");
+    assert_eq!(shown["auto_halted"], true);
+    assert!(shown["pause_reason"].as_str().unwrap().contains("2 of 3"));
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("h9", "1.0.0", "stable", vec![])).await
+    ));
+    let inst = s.get("/api/v1/instances").await;
+    let h2 = inst
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["machine_id"] == "h2")
+        .unwrap();
+    assert_eq!(h2["status"], "rolled_back");
+    assert_eq!(h2["error_code"], 44);
+    // The failed hosts are not offered the release again.
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("h1", "1.0.0", "stable", vec![])).await
+    ));
+    let activity = s.get("/api/v1/activity").await;
+    assert!(activity[0]["kind"] == "rollout_halted", "{activity}");
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("twinroot_rollout_paused{channel=\"stable\",group=\"\",automatic=\"true\",reason=\"automatic halt: 2 of 3"), "{metrics}");
+    assert!(
+        metrics.contains("twinroot_update_failures{channel=\"stable\",group=\"\",window=\"1h\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("twinroot_hosts{channel=\"stable\""));
+    // The operator resumes: rolling again, judged on outcomes from here on.
+    s.post("/api/v1/rollouts/stable/resume", json!({})).await;
+    assert!(granted(&s.omaha(&ue_request("h9", "1.0.0", "stable", vec![])).await).is_some());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn auth_refuses_and_changes_nothing() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "alpha").await;
+    let before = (
+        s.get("/api/v1/channels").await,
+        s.get("/api/v1/rollouts").await,
+    );
+    let writes = [
+        (
+            Method::POST,
+            "/api/v1/releases/2.0.0/promote",
+            Some(json!({"channel": "beta"})),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/rollouts/alpha",
+            Some(json!({"policy": {"start_percent": 1}})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/rollouts/alpha/pause",
+            Some(json!({})),
+        ),
+    ];
+    for (m, path, body) in &writes {
+        let (st, _) = s.api(m.clone(), path, None, body.clone()).await;
+        assert_eq!(st, 401, "{path} without token");
+        let (st, _) = s
+            .api(m.clone(), path, Some("trt_bogus"), body.clone())
+            .await;
+        assert_eq!(st, 401, "{path} with unknown token");
+        let (st, v) = s.api(m.clone(), path, Some(&s.viewer), body.clone()).await;
+        assert_eq!(st, 403, "{path} with viewer token: {v}");
+    }
+    let (st, _) = s.upload(bundle(&s.signer, "4.0.0"), &s.viewer).await;
+    assert_eq!(st, 403);
+    let (st, _) = s.api(Method::GET, "/api/v1/releases", None, None).await;
+    assert_eq!(st, 401);
+    // Viewers read.
+    let (st, _) = s
+        .api(Method::GET, "/api/v1/releases", Some(&s.viewer), None)
+        .await;
+    assert_eq!(st, 200);
+    let after = (
+        s.get("/api/v1/channels").await,
+        s.get("/api/v1/rollouts").await,
+    );
+    assert_eq!(before, after);
+    assert_eq!(s.get("/api/v1/releases").await.as_array().unwrap().len(), 1);
+    // The OpenAPI document is public and lists the API.
+    let (st, doc) = s.api(Method::GET, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(st, 200);
+    assert!(doc["paths"]["/api/v1/rollouts/{channel}"]["put"].is_object());
+    // Tokens are stored hashed.
+    let needle = s.admin.as_bytes();
+    for f in ["server.db", "server.db-wal"] {
+        let db = std::fs::read(s.dir.path().join("data").join(f)).unwrap_or_default();
+        assert!(
+            !db.windows(needle.len()).any(|w| w == needle),
+            "{f} holds a token"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_input_is_refused_and_the_server_keeps_serving() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    let post = |body: Vec<u8>| {
+        let http = s.http.clone();
+        let url = format!("{}/v1/update/", s.url);
+        async move {
+            http.post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let laughs = r#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]><request protocol="3.0"><app appid="&lol2;"/></request>"#;
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"not xml at all".to_vec(), 400),
+        (b"<request protocol=\"3.0\"><app appid=\"x\">".to_vec(), 400),
+        (laughs.as_bytes().to_vec(), 400),
+        (
+            format!("<request>{}", "<a>".repeat(10_000)).into_bytes(),
+            400,
+        ),
+        (vec![0xff; 1000], 400),
+        (b"<request protocol=\"9.0\"/>".to_vec(), 400),
+        (vec![b' '; 200_000], 413),
+        (
+            format!(
+                "<request protocol=\"3.0\">{}</request>",
+                "<app appid=\"a\"/>".repeat(1000)
+            )
+            .into_bytes(),
+            400,
+        ),
+    ];
+    for (body, want) in cases {
+        let preview = String::from_utf8_lossy(&body[..body.len().min(40)]).to_string();
+        assert_eq!(post(body).await, want, "{preview}");
+    }
+    // Hostile JSON on the admin API.
+    let raw = |body: Vec<u8>| {
+        let http = s.http.clone();
+        let url = format!("{}/api/v1/rollouts/stable", s.url);
+        let token = s.admin.clone();
+        async move {
+            http.put(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(raw(b"{".to_vec()).await, 400);
+    // Too deeply nested for the JSON parser's recursion limit.
+    let deep = raw(format!("{}1{}", "[".repeat(5000), "]".repeat(5000)).into_bytes()).await;
+    assert!((400..500).contains(&deep), "{deep}");
+    assert_eq!(
+        raw(br#"{"policy": {"start_percent": "lots"}}"#.to_vec()).await,
+        422
+    );
+    assert_eq!(raw(br#"{"policy": {}, "surprise": 1}"#.to_vec()).await, 422);
+    let mut big = br#"{"policy": {}, "group": ""#.to_vec();
+    big.extend(std::iter::repeat_n(b'a', 2 << 20));
+    big.extend(br#""}"#);
+    assert_eq!(raw(big).await, 413);
+    // Garbage instead of a bundle.
+    let (st, _) = s.upload(vec![7u8; 5000], &s.admin).await;
+    assert_eq!(st, 422);
+    // Still serving, state intact.
+    let r = s.omaha(&ue_request("ok1", "1.0.0", "stable", vec![])).await;
+    granted(&r).unwrap().check().unwrap();
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("twinroot_bad_requests_total 7"),
+        "{metrics}"
+    );
+    let unknown_channel = s
+        .omaha(&ue_request("ok2", "1.0.0", "nightly", vec![]))
+        .await;
+    assert!(is_noupdate(&unknown_channel));
+    let no_machine = s
+        .omaha(&Request {
+            apps: vec![AppRequest {
+                app_id: APP_ID.into(),
+                update_check: Some(Default::default()),
+                ..AppRequest::default()
+            }],
+            ..Request::default()
+        })
+        .await;
+    assert!(is_noupdate(&no_machine));
+    s.stop().await;
+}
