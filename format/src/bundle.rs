@@ -18,7 +18,7 @@
 //! before looking at the body, then verify the body while streaming it ([`ImageReader`]).
 
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::mpsc::{Receiver, SendError, Sender, SyncSender, channel, sync_channel};
 
 use ed25519_dalek::{Signature, SigningKey};
 use semver::Version;
@@ -770,9 +770,13 @@ fn verify_body_parallel<R: Read + Send>(
         let mut body_check = BodyCheck::new(manifest.body);
         let mut pool = Pool::new(body_back_rx);
         let read_result = (|| -> Result<(), BundleError> {
+            // When the decoder stops early (corrupt stream), the body is still read and hashed
+            // to the end, so a body that was altered is reported as such.
+            let mut decoder_alive = true;
+            let mut spare: Option<Vec<u8>> = None;
             while body_check.remaining() > 0 {
                 let want = (CHUNK as u64).min(body_check.remaining()) as usize;
-                let mut chunk = pool.take();
+                let mut chunk = spare.take().unwrap_or_else(|| pool.take());
                 let mut filled = 0;
                 while filled < want {
                     match body.read(&mut chunk[filled..want]) {
@@ -788,9 +792,13 @@ fn verify_body_parallel<R: Read + Send>(
                     }
                 }
                 body_check.update(&chunk[..want]);
-                if to_decoder.send((chunk, want)).is_err() {
-                    // The decoder stopped early: its error explains why.
-                    break;
+                if decoder_alive {
+                    if let Err(SendError((returned, _))) = to_decoder.send((chunk, want)) {
+                        decoder_alive = false;
+                        spare = Some(returned);
+                    }
+                } else {
+                    spare = Some(chunk);
                 }
             }
             Ok(())
@@ -798,19 +806,13 @@ fn verify_body_parallel<R: Read + Send>(
         drop(to_decoder);
         let decoded = decoder.join().expect("decompression thread panicked");
         let hashed = hasher.join().expect("image hash thread panicked");
-        // Report the most fundamental failure first: the body as read, then its stream.
+        // Report the most fundamental failure first: the body as read, then its stream, then
+        // the image.
         read_result?;
-        let body_complete = body_check.remaining() == 0;
-        if body_complete {
-            body_check.finish()?;
-            expect_eof(&mut body, manifest.body.size)?;
-        }
+        body_check.finish()?;
+        expect_eof(&mut body, manifest.body.size)?;
         decoded?;
-        hashed?;
-        if !body_complete {
-            return Err(BundleError::BodyAfterStream);
-        }
-        Ok(())
+        hashed
     })
 }
 
@@ -1164,7 +1166,12 @@ mod tests {
     #[test]
     fn many_chunks_recycle_buffers() {
         // More chunks than the buffer pools hold, so buffers are reused many times.
-        let big: Vec<u8> = image().iter().cycle().take(9 * CHUNK + 123).copied().collect();
+        let big: Vec<u8> = image()
+            .iter()
+            .cycle()
+            .take(9 * CHUNK + 123)
+            .copied()
+            .collect();
         let mut out = Vec::new();
         let mut scratch = Cursor::new(Vec::new());
         write_bundle(&big[..], &release(), &[key(1)], 1, &mut scratch, &mut out).unwrap();

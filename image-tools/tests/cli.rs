@@ -415,10 +415,8 @@ fn flipped_body_byte() {
         ("bad3", len - 1),
     ] {
         let b = f.altered(name, |b| b[pos] ^= 0x10);
-        f.verify_fails(&b, &[name, "body rejected"]);
+        f.verify_fails(&b, &[name, "body rejected", "body sha256 mismatch"]);
     }
-    let b = f.altered("bad4", |b| b[(body + len) / 2] ^= 0x10);
-    f.verify_fails(&b, &["body sha256 mismatch"]);
 }
 
 #[test]
