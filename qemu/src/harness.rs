@@ -581,3 +581,205 @@ impl BootKit {
         HostDisk::create(&self.work.join(format!("{name}.disk")), &TEST_LAYOUT)
     }
 }
+
+/// The URL under which a guest reaches a service listening on the build host's loopback `port`
+/// (QEMU user-mode networking maps 10.0.2.2 to the host), e.g. `guest_url(8080, "/v1/update/")`.
+pub fn guest_url(port: u16, path: &str) -> String {
+    format!("http://10.0.2.2:{port}{path}")
+}
+
+/// How to run a service next to the hosts (update-server, reboot-coordinator, etcd...).
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// stdout and stderr go here.
+    pub log: PathBuf,
+}
+
+/// A running service process; killed when dropped.
+pub struct Service {
+    pub config: ServiceConfig,
+    child: Child,
+}
+
+impl Service {
+    pub fn start(config: ServiceConfig) -> Result<Service> {
+        let log = File::create(&config.log)
+            .with_context(|| format!("creating service log {}", config.log.display()))?;
+        let child = Command::new(&config.program)
+            .args(&config.args)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "service {}: cannot start {}",
+                    config.name,
+                    config.program.display()
+                )
+            })?;
+        Ok(Service { config, child })
+    }
+
+    /// Waits until something accepts TCP connections on 127.0.0.1:`port`; fails early, with the
+    /// end of its log, if the service exits.
+    pub fn wait_port(&mut self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "service {} exited ({status}) before listening on port {port}; log:\n{}",
+                    self.config.name,
+                    tail(&self.log_text(), 25)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "service {} not listening on port {port} after {} s; log:\n{}",
+                    self.config.name,
+                    timeout.as_secs(),
+                    tail(&self.log_text(), 25)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the service logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.config.log).unwrap_or_default()
+    }
+
+    /// Stops the service (SIGKILL) and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        let _ = self.child.kill();
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a single-member etcd on free loopback ports with its data in `dir`; returns the service
+/// and its client endpoint (`http://127.0.0.1:PORT`).
+pub fn start_etcd(dir: &Path) -> Result<(Service, String)> {
+    let client = free_port()?;
+    let peer = free_port()?;
+    let endpoint = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let data = dir.join("etcd-data");
+    let mut service = Service::start(ServiceConfig {
+        name: "etcd".into(),
+        program: PathBuf::from("etcd"),
+        args: vec![
+            "--name".into(),
+            "twinroot-e2e".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen-client-urls".into(),
+            endpoint.clone(),
+            "--advertise-client-urls".into(),
+            endpoint.clone(),
+            "--listen-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-cluster".into(),
+            format!("twinroot-e2e={peer_url}"),
+        ],
+        env: Vec::new(),
+        log: dir.join("etcd.log"),
+    })?;
+    service.wait_port(client, Duration::from_secs(30))?;
+    Ok((service, endpoint))
+}
+
+/// A release signing key and the keyring that trusts it (made with image-tools).
+#[derive(Debug, Clone)]
+pub struct SigningSetup {
+    pub private_key: PathBuf,
+    pub public_key: PathBuf,
+    pub keyring: PathBuf,
+}
+
+impl SigningSetup {
+    /// Generates a key pair and a keyring (threshold 1) in `dir`.
+    pub fn generate(dir: &Path) -> Result<SigningSetup> {
+        let private_key = dir.join("release-key.pem");
+        let public_key = dir.join("release-key.pub.pem");
+        let keyring = dir.join("keyring.json");
+        image_tools::keys::keygen(&private_key, &public_key)?;
+        image_tools::keys::make_keyring(&image_tools::keys::KeyringOptions {
+            public: vec![public_key.clone()],
+            threshold: 1,
+            serial: 1,
+            out: keyring.clone(),
+        })?;
+        Ok(SigningSetup {
+            private_key,
+            public_key,
+            keyring,
+        })
+    }
+
+    /// Signs `image` of `version` into a bundle at `out` (as `image-tool bundle` does).
+    pub fn bundle(&self, image: &Path, version: &str, out: &Path) -> Result<()> {
+        let version = semver::Version::parse(version)
+            .with_context(|| format!("bundle version {version:?}"))?;
+        image_tools::release::bundle(&image_tools::release::BundleOptions {
+            image: image.to_path_buf(),
+            version,
+            keys: vec![self.private_key.clone()],
+            out: out.to_path_buf(),
+            created_unix: 0,
+            level: 3,
+            board: None,
+            min_source_version: None,
+        })?;
+        Ok(())
+    }
+}
+
+impl HostDisk {
+    /// Writes the image inside a signed bundle into `slot`, after verifying the bundle header
+    /// against `keyring`; the image is verified (sizes, digests) while it streams, and the call
+    /// fails if any check fails. Returns the bundle's version.
+    pub fn write_slot_from_bundle(
+        &self,
+        slot: SlotName,
+        bundle: &Path,
+        keyring: &Path,
+    ) -> Result<semver::Version> {
+        let keyring = twinroot_format::keyring::Keyring::load(keyring)?;
+        let mut file = std::io::BufReader::new(
+            File::open(bundle).with_context(|| format!("opening bundle {}", bundle.display()))?,
+        );
+        let header = twinroot_format::bundle::read_header(&mut file, &keyring)
+            .with_context(|| format!("verifying bundle {}", bundle.display()))?;
+        let disk = self.open()?;
+        let mut writer = disk.slot_writer(slot, None)?;
+        let mut image = header.image_reader(file);
+        std::io::copy(&mut image, &mut writer).with_context(|| {
+            format!(
+                "writing bundle {} into slot {slot} of {}",
+                bundle.display(),
+                self.path.display()
+            )
+        })?;
+        writer.finish()?;
+        Ok(header.manifest().os_version.clone())
+    }
+}

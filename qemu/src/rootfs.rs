@@ -35,9 +35,9 @@ pub const AGENT_PATH: &str = "usr/bin/update-agent";
 /// The agent configuration fragment of the image.
 pub const AGENT_CONFIG_PATH: &str = "usr/lib/twinroot/agent.d/00-image.toml";
 /// The trusted keyring of the image.
-pub const KEYRING_PATH: &str = "usr/lib/twinroot/keyring";
+pub const KEYRING_PATH: &str = "usr/lib/twinroot/keyring.json";
 /// Holds `required.d/` and `wanted.d/` health-check hooks.
-pub const CHECKS_DIR: &str = "usr/lib/twinroot/checks";
+pub const CHECKS_DIR: &str = "etc/twinroot/check";
 /// Executables run at boot, before the version line.
 pub const BOOT_HOOKS_DIR: &str = "usr/lib/twinroot/boot.d";
 
@@ -60,6 +60,64 @@ pub struct AgentSpec {
     pub args: Vec<String>,
     /// TOML written to [`AGENT_CONFIG_PATH`].
     pub config: String,
+}
+
+/// Where the agent keeps its state in an image: on the STATE partition, which survives updates.
+pub const AGENT_STATE_DIR: &str = "/state/twinroot-agent";
+
+/// The agent configuration baked into test and demo images (TOML for [`AGENT_CONFIG_PATH`]).
+/// Guests reach services on the build host at `10.0.2.2` (see `harness::guest_url`).
+#[derive(Debug, Clone)]
+pub struct AgentImageConfig {
+    /// Omaha endpoint, e.g. `http://10.0.2.2:8080/v1/update/`.
+    pub server_url: Option<String>,
+    /// Channel (Omaha track).
+    pub track: String,
+    /// `immediate`, `coordinated` or `off`.
+    pub reboot_strategy: String,
+    /// FleetLock server, e.g. `http://10.0.2.2:8081` (needed for `coordinated`).
+    pub fleetlock_url: Option<String>,
+    /// Seconds before the first update check and between checks (short for tests).
+    pub poll_secs: u64,
+}
+
+impl AgentImageConfig {
+    pub fn new(server_url: &str, track: &str) -> Self {
+        AgentImageConfig {
+            server_url: Some(server_url.to_string()),
+            track: track.to_string(),
+            reboot_strategy: "immediate".to_string(),
+            fleetlock_url: None,
+            poll_secs: 2,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut t = format!(
+            "# twinroot image agent configuration\n[agent]\ndisk = \"/dev/vda\"\nstate_dir = {:?}\n\
+             keyring = \"/{KEYRING_PATH}\"\nmachine_id_path = \"/state/machine-id\"\n\n[server]\n",
+            AGENT_STATE_DIR
+        );
+        if let Some(url) = &self.server_url {
+            t.push_str(&format!("url = {url:?}\n"));
+        }
+        let p = self.poll_secs;
+        t.push_str(&format!(
+            "track = {:?}\nfirst_check_min_secs = {p}\nfirst_check_max_secs = {p}\n\
+             interval_secs = {p}\njitter_secs = 0\nmax_backoff_secs = {}\n\n",
+            self.track,
+            (p * 4).max(1)
+        ));
+        t.push_str(&format!(
+            "[checks]\ndir = \"/{CHECKS_DIR}\"\nsystem_not_degraded = false\n\n[reboot]\nstrategy = {:?}\nmethod = \"syscall\"\n",
+            self.reboot_strategy
+        ));
+        if let Some(url) = &self.fleetlock_url {
+            t.push_str(&format!("fleetlock_url = {url:?}\n"));
+        }
+        t.push_str("\n[dbus]\nbus = \"none\"\n");
+        t
+    }
 }
 
 /// A file added to an image (path relative to the image root).
@@ -411,6 +469,25 @@ mod tests {
     fn inittab_runs_the_agent_only_when_present() {
         assert!(!inittab(false).contains("run-agent"));
         assert!(inittab(true).contains("::respawn:/etc/twinroot/run-agent"));
+    }
+
+    #[test]
+    fn agent_config_points_at_the_host() {
+        let mut c = AgentImageConfig::new("http://10.0.2.2:8080/v1/update/", "beta");
+        c.reboot_strategy = "coordinated".into();
+        c.fleetlock_url = Some("http://10.0.2.2:8081".into());
+        let t = c.to_toml();
+        assert!(
+            t.contains("url = \"http://10.0.2.2:8080/v1/update/\""),
+            "{t}"
+        );
+        assert!(t.contains("track = \"beta\""), "{t}");
+        assert!(t.contains("strategy = \"coordinated\""), "{t}");
+        assert!(
+            t.contains("fleetlock_url = \"http://10.0.2.2:8081\""),
+            "{t}"
+        );
+        assert!(t.contains("state_dir = \"/state/twinroot-agent\""), "{t}");
     }
 
     #[test]

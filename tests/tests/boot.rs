@@ -8,7 +8,7 @@ use anyhow::Result;
 use twinroot_e2e::{BOOT_TIMEOUT, Lab};
 use twinroot_format::slot::{SlotAttrs, SlotName, staged};
 use twinroot_qemu::boot::NO_SLOT_LINE;
-use twinroot_qemu::harness::{GOOD, Host};
+use twinroot_qemu::harness::{GOOD, Host, SigningSetup};
 use twinroot_qemu::rootfs::{InitBehaviour, PANIC_LINE};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
@@ -22,11 +22,17 @@ fn attrs(priority: u8, tries: u8, successful: bool) -> SlotAttrs {
 }
 
 #[test]
-fn boots_the_good_slot_a() -> Result<()> {
+fn boots_the_good_slot_a_written_from_a_signed_bundle() -> Result<()> {
     let lab = Lab::new(SELECTOR)?;
-    let v1 = lab.kit.image("v1", &lab.kit.rootfs("1.0.0"))?;
+    let keys = SigningSetup::generate(lab.path())?;
+    let mut spec = lab.kit.rootfs("1.0.0");
+    spec.keyring = Some(std::fs::read(&keys.keyring)?);
+    let v1 = lab.kit.image("v1", &spec)?;
+    let bundle = lab.path().join("v1.bundle");
+    keys.bundle(&v1, "1.0.0", &bundle)?;
     let disk = lab.kit.disk("host")?;
-    disk.write_slot(SlotName::A, &v1)?;
+    let version = disk.write_slot_from_bundle(SlotName::A, &bundle, &keys.keyring)?;
+    assert_eq!(version.to_string(), "1.0.0");
     disk.set_attrs(SlotName::A, GOOD)?;
 
     let config = lab.kit.host("host", &disk);
