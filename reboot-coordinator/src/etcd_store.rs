@@ -2,15 +2,19 @@
 //!
 //! Key layout under a prefix (default `/twinroot/reboot/`):
 //! - `groups/<group>/config`        `{"slots":N}` (absent: the coordinator's default slot count)
-//! - `groups/<group>/counter`       rewritten by every grant; its mod revision guards grants
-//! - `groups/<group>/holders/<id>`  `{"id","acquired_unix_ms","lease_seconds"}`, attached to an
-//!   etcd lease of `lease_seconds`; the lease expiring deletes the key and frees the slot
+//! - `groups/<group>/slots/<nnnnn>` the id holding slot number n (zero-padded to 5 digits)
+//! - `groups/<group>/holders/<id>`  `{"id","slot","acquired_unix_ms","lease_seconds"}`
+//!
+//! A holder's slot key and holder key are written in one transaction, attached to the same etcd
+//! lease of `lease_seconds`, and deleted together (release transaction or lease expiry). A grant
+//! transaction requires: its slot key absent, no slot key numbered at or above the slot count
+//! (a range compare), the config key unchanged since the read, and the holder key absent.
 //! - `activity/<unix_ms>-<event>-<group>-<id>`  activity log entries (granted, released, expired,
 //!   set-slots), `{"at_unix_ms","event","group","id","detail"}`
 //! - `expiry-marks/<revision>-<group>-<id>`  dedupes expiry log entries between coordinators
 //!   (attached to a one-hour lease)
 
-use crate::semaphore::{GrantRequest, GroupSnapshot, Holder, SlotStore, StoreError};
+use crate::semaphore::{GrantRequest, GroupSnapshot, Holder, MAX_SLOTS, SlotStore, StoreError};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
@@ -46,6 +50,7 @@ impl EtcdConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct HolderValue {
     id: String,
+    slot: u32,
     acquired_unix_ms: u64,
     lease_seconds: u64,
 }
@@ -134,8 +139,12 @@ impl EtcdStore {
     fn config_key(&self, group: &str) -> String {
         format!("{}config", self.group_prefix(group))
     }
-    fn counter_key(&self, group: &str) -> String {
-        format!("{}counter", self.group_prefix(group))
+    fn slot_key(&self, group: &str, slot: u32) -> String {
+        format!("{}slots/{slot:05}", self.group_prefix(group))
+    }
+    /// End (exclusive) of the range holding all slot keys of a group.
+    fn slots_end(&self, group: &str) -> String {
+        format!("{}slots0", self.group_prefix(group))
     }
     fn holder_key(&self, group: &str, id: &str) -> String {
         format!("{}holders/{id}", self.group_prefix(group))
@@ -168,8 +177,18 @@ impl EtcdStore {
         }
     }
 
+    /// Revokes a lease without waiting (cleanup only: an unused lease also expires by itself).
+    fn revoke_in_background(&self, lease: i64) {
+        let mut c = self.client.clone();
+        let timeout = self.config.timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, c.lease_revoke(lease)).await;
+        });
+    }
+
     /// Sets the slot count of a group (recorded in the activity log).
     pub async fn set_slots(&self, group: &str, slots: u32) -> Result<(), StoreError> {
+        check_slot_count(group, slots)?;
         let value = serde_json::to_string(&GroupConfigValue { slots }).expect("serializable");
         let entry = ActivityEntry {
             at_unix_ms: now_unix_ms(),
@@ -193,6 +212,7 @@ impl EtcdStore {
 
     /// Writes the slot count only if the group has none yet; returns the count in force.
     pub async fn seed_slots(&self, group: &str, slots: u32) -> Result<u32, StoreError> {
+        check_slot_count(group, slots)?;
         let key = self.config_key(group);
         let value = serde_json::to_string(&GroupConfigValue { slots }).expect("serializable");
         let txn = Txn::new()
@@ -427,6 +447,15 @@ impl EtcdStore {
     }
 }
 
+fn check_slot_count(group: &str, slots: u32) -> Result<(), StoreError> {
+    if slots > MAX_SLOTS {
+        return Err(StoreError::Invalid(format!(
+            "group {group}: slot count {slots} is above the maximum {MAX_SLOTS}"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_config(key: &str, value: &[u8]) -> Result<u32, StoreError> {
     serde_json::from_slice::<GroupConfigValue>(value)
         .map(|c| c.slots)
@@ -443,6 +472,7 @@ fn parse_holder(key: &str, value: &[u8], lease: i64) -> Result<Holder, StoreErro
     })?;
     Ok(Holder {
         id: v.id,
+        slot: v.slot,
         acquired_unix_ms: v.acquired_unix_ms,
         lease,
     })
@@ -487,15 +517,12 @@ impl SlotStore for EtcdStore {
             ..Default::default()
         };
         let config_key = self.config_key(group);
-        let counter_key = self.counter_key(group);
         let holders_prefix = format!("{prefix}holders/");
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if key == config_key {
                 snapshot.slots = Some(parse_config(&key, kv.value())?);
                 snapshot.guard.config_revision = kv.mod_revision();
-            } else if key == counter_key {
-                snapshot.guard.counter_revision = kv.mod_revision();
             } else if key.starts_with(&holders_prefix) {
                 snapshot
                     .holders
@@ -509,6 +536,8 @@ impl SlotStore for EtcdStore {
         let GrantRequest {
             group,
             id,
+            slot,
+            slots,
             guard,
             lease_seconds,
         } = grant;
@@ -520,6 +549,7 @@ impl SlotStore for EtcdStore {
         let now = now_unix_ms();
         let holder = HolderValue {
             id: id.to_string(),
+            slot,
             acquired_unix_ms: now,
             lease_seconds,
         };
@@ -528,16 +558,16 @@ impl SlotStore for EtcdStore {
             event: "granted".into(),
             group: group.into(),
             id: id.into(),
-            detail: format!("lease {lease:x} for {lease_seconds}s"),
+            detail: format!("slot {slot}, lease {lease:x} for {lease_seconds}s"),
         };
         let holder_key = self.holder_key(group, id);
+        let slot_key = self.slot_key(group, slot);
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(
-                    self.counter_key(group),
-                    CompareOp::Equal,
-                    guard.counter_revision,
-                ),
+                Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(self.slot_key(group, slots), CompareOp::Equal, 0)
+                    .with_range(self.slots_end(group)),
                 Compare::mod_revision(
                     self.config_key(group),
                     CompareOp::Equal,
@@ -546,25 +576,26 @@ impl SlotStore for EtcdStore {
                 Compare::create_revision(holder_key.clone(), CompareOp::Equal, 0),
             ])
             .and_then([
+                TxnOp::put(slot_key, id, with_lease()),
                 TxnOp::put(
                     holder_key,
                     serde_json::to_string(&holder).expect("serializable"),
-                    Some(PutOptions::new().with_lease(lease)),
+                    with_lease(),
                 ),
-                TxnOp::put(self.counter_key(group), id, None),
                 TxnOp::put(
                     self.activity_key(&entry),
                     serde_json::to_string(&entry).expect("serializable"),
                     None,
                 ),
             ]);
-        let result = self.call(c.txn(txn)).await;
-        let granted = matches!(&result, Ok(r) if r.succeeded());
+        // Revoke the unused lease only when etcd answered "not granted". After an error the
+        // transaction may still have committed (answer lost); revoking would then silently take
+        // the slot away from a host that will retry and find it held. The lease expires anyway.
+        let granted = self.call(c.txn(txn)).await?.succeeded();
         if !granted {
-            // Best effort: an unused lease would expire by itself anyway.
-            let _ = self.call(c.lease_revoke(lease)).await;
+            self.revoke_in_background(lease);
         }
-        result.map(|r| r.succeeded())
+        Ok(granted)
     }
 
     async fn renew(&self, holder: &Holder) -> Result<bool, StoreError> {
@@ -577,41 +608,47 @@ impl SlotStore for EtcdStore {
 
     async fn release(&self, group: &str, id: &str, reason: &str) -> Result<bool, StoreError> {
         let holder_key = self.holder_key(group, id);
-        let entry = ActivityEntry {
-            at_unix_ms: now_unix_ms(),
-            event: "released".into(),
-            group: group.into(),
-            id: id.into(),
-            detail: reason.to_string(),
-        };
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                holder_key.clone(),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then([
-                TxnOp::get(holder_key.clone(), None),
-                TxnOp::delete(holder_key, None),
-                TxnOp::put(
-                    self.activity_key(&entry),
-                    serde_json::to_string(&entry).expect("serializable"),
-                    None,
-                ),
-            ]);
         let mut c = self.client.clone();
-        let resp = self.call(c.txn(txn)).await?;
-        if !resp.succeeded() {
-            return Ok(false);
-        }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = op
-                && let Some(kv) = g.kvs().first()
-                && kv.lease() != 0
-            {
-                let _ = self.call(c.lease_revoke(kv.lease())).await;
+        // Read the holder (for its slot number), then delete holder and slot key together if the
+        // holder is still the same grant. Retried if it was re-granted in between.
+        for _ in 0..16 {
+            let resp = self.call(c.get(holder_key.clone(), None)).await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Ok(false);
+            };
+            let holder = parse_holder(&holder_key, kv.value(), kv.lease())?;
+            let entry = ActivityEntry {
+                at_unix_ms: now_unix_ms(),
+                event: "released".into(),
+                group: group.into(),
+                id: id.into(),
+                detail: reason.to_string(),
+            };
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    holder_key.clone(),
+                    CompareOp::Equal,
+                    kv.create_revision(),
+                )])
+                .and_then([
+                    TxnOp::delete(holder_key.clone(), None),
+                    TxnOp::delete(self.slot_key(group, holder.slot), None),
+                    TxnOp::put(
+                        self.activity_key(&entry),
+                        serde_json::to_string(&entry).expect("serializable"),
+                        None,
+                    ),
+                ]);
+            if self.call(c.txn(txn)).await?.succeeded() {
+                if holder.lease != 0 {
+                    self.revoke_in_background(holder.lease);
+                }
+                return Ok(true);
             }
         }
-        Ok(true)
+        Err(StoreError::Failed {
+            endpoints: self.endpoints_text.clone(),
+            reason: format!("group {group}: holder {id} kept changing during release"),
+        })
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! The arithmetic ([`decide`]) is a pure function over a [`GroupSnapshot`]; the storage comes in
 //! through [`SlotStore`] (etcd in production, see `etcd_store`). [`Semaphore`] runs the
-//! read-decide-write loop: a grant is only written if nothing that could change the count upwards
-//! (another grant, a slot-count change) happened since the read, so any number of coordinators
-//! sharing one store never grant more than the slot count between them.
+//! read-decide-write loop. Every holder occupies one numbered slot `0..N`; a grant claims a free
+//! slot number and is only written if that slot is still free, no slot numbered `N` or above is
+//! held, and the slot count did not change since the read. Two grants that pick different free
+//! slots do not conflict, and any number of coordinators sharing one store never grant more than
+//! N between them.
 
 use std::future::Future;
 
@@ -15,15 +17,15 @@ pub struct Holder {
     pub id: String,
     /// When the slot was granted (unix milliseconds, coordinator clock).
     pub acquired_unix_ms: u64,
+    /// Slot number `0..N` this holder occupies.
+    pub slot: u32,
     /// Store handle of the expiry (etcd lease id).
     pub lease: i64,
 }
 
-/// Version stamps of the two keys whose change invalidates a decision to grant.
+/// Version stamp of the group config; a changed slot count invalidates a decision to grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Guard {
-    /// Modification revision of the group's grant counter key (0 = absent).
-    pub counter_revision: i64,
     /// Modification revision of the group's config key (0 = absent).
     pub config_revision: i64,
 }
@@ -53,6 +55,12 @@ pub enum Refusal {
         slots: u32,
         held: usize,
     },
+    /// A host still holds a slot numbered at or above a lowered slot count.
+    Lowered {
+        group: String,
+        slots: u32,
+        slot: u32,
+    },
     /// The caller said no new grants may be made now (reboot window closed).
     NewGrantsClosed { group: String },
 }
@@ -63,6 +71,11 @@ impl std::fmt::Display for Refusal {
             Refusal::NoSlot { group, slots, held } => write!(
                 f,
                 "group {group}: {held} of {slots} reboot slots are taken, retry later"
+            ),
+            Refusal::Lowered { group, slots, slot } => write!(
+                f,
+                "group {group}: slot {slot} is still held since the slot count was lowered to \
+                 {slots}, retry later"
             ),
             Refusal::NewGrantsClosed { group } => {
                 write!(f, "group {group}: the reboot window is closed, retry later")
@@ -76,13 +89,16 @@ impl std::fmt::Display for Refusal {
 pub enum Decision {
     /// The id already holds a slot: renew its expiry and succeed (re-entrant acquire).
     Renew(Holder),
-    /// A slot is free: try to write the grant guarded by the snapshot's [`Guard`].
-    Grant,
+    /// Slot `slot` is free: try to claim it, guarded by the snapshot's [`Guard`].
+    Grant {
+        slot: u32,
+    },
     Refuse(Refusal),
 }
 
-/// The semaphore arithmetic. Lowering the slot count never evicts holders: with more holders than
-/// slots, new grants simply stop until the count falls below the new value.
+/// The semaphore arithmetic. Lowering the slot count never evicts holders: while more hosts hold
+/// than there are slots, or any host holds a slot numbered at or above the new count, new grants
+/// stop. The free slot is picked from the id so concurrent requests tend to pick different slots.
 pub fn decide(
     snapshot: &GroupSnapshot,
     id: &str,
@@ -99,16 +115,40 @@ pub fn decide(
     }
     let slots = snapshot.slots.unwrap_or(default_slots);
     let held = snapshot.holders.len();
-    if held < slots as usize {
-        Decision::Grant
-    } else {
-        Decision::Refuse(Refusal::NoSlot {
+    if held >= slots as usize {
+        return Decision::Refuse(Refusal::NoSlot {
             group: snapshot.group.clone(),
             slots,
             held,
-        })
+        });
     }
+    if let Some(h) = snapshot.holders.iter().find(|h| h.slot >= slots) {
+        return Decision::Refuse(Refusal::Lowered {
+            group: snapshot.group.clone(),
+            slots,
+            slot: h.slot,
+        });
+    }
+    // held < slots and every holder is below `slots`, so at least one slot is free. Start at the
+    // id's home slot and probe upwards: concurrent requests from different ids mostly try
+    // different slots and so do not conflict.
+    let home = (id_hash(id) % u64::from(slots)) as u32;
+    let slot = (0..slots)
+        .map(|i| (home + i) % slots)
+        .find(|i| !snapshot.holders.iter().any(|h| h.slot == *i))
+        .expect("a free slot exists when held < slots");
+    Decision::Grant { slot }
 }
+
+/// FNV-1a of the id: a stable spread of ids over free slots.
+fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Largest slot count of a group.
+pub const MAX_SLOTS: u32 = 10_000;
 
 /// Storage failure. `Unavailable` means the store could not be reached at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +159,8 @@ pub enum StoreError {
     Failed { endpoints: String, reason: String },
     #[error("unreadable etcd key {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A grant to write.
@@ -126,6 +168,9 @@ pub enum StoreError {
 pub struct GrantRequest<'a> {
     pub group: &'a str,
     pub id: &'a str,
+    pub slot: u32,
+    /// Slot count the decision was made with (slots numbered at or above must all be free).
+    pub slots: u32,
     pub guard: Guard,
     pub lease_seconds: u64,
 }
@@ -137,8 +182,9 @@ pub trait SlotStore: Send + Sync {
         &self,
         group: &str,
     ) -> impl Future<Output = Result<GroupSnapshot, StoreError>> + Send;
-    /// Writes the holder with a fresh expiry if the guard still matches and the id holds nothing;
-    /// `Ok(false)` when something changed since the snapshot (nothing was written).
+    /// Writes the holder into its slot with a fresh expiry if the slot is still free, no slot at or
+    /// above `slots` is held, the guard still matches and the id holds nothing; `Ok(false)` when
+    /// something changed since the snapshot (nothing was written).
     fn try_grant(
         &self,
         grant: GrantRequest<'_>,
@@ -230,17 +276,19 @@ impl<S: SlotStore> Semaphore<S> {
                     }
                     // Expired between read and renew: decide again on fresh data.
                 }
-                Decision::Grant => {
+                Decision::Grant { slot } => {
                     let grant = GrantRequest {
                         group,
                         id,
+                        slot,
+                        slots: snapshot.slots.unwrap_or(self.config.default_slots),
                         guard: snapshot.guard,
                         lease_seconds: self.config.lease_seconds,
                     };
                     if self.store.try_grant(grant).await? {
                         return Ok(Acquired::Granted);
                     }
-                    // Another grant or a slot-count change raced us: read again.
+                    // Another grant took that slot, or the slot count changed: read again.
                 }
                 Decision::Refuse(r) => return Err(AcquireError::Refused(r)),
             }
@@ -261,27 +309,46 @@ impl<S: SlotStore> Semaphore<S> {
 mod tests {
     use super::*;
 
+    /// Holders are given slots 0, 1, 2... in order.
     fn snapshot(slots: Option<u32>, ids: &[&str]) -> GroupSnapshot {
+        snapshot_at(
+            slots,
+            &ids.iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i as u32))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn snapshot_at(slots: Option<u32>, holders: &[(&str, u32)]) -> GroupSnapshot {
         GroupSnapshot {
             group: "g".into(),
             slots,
-            holders: ids
+            holders: holders
                 .iter()
-                .enumerate()
-                .map(|(i, id)| Holder {
+                .map(|(id, slot)| Holder {
                     id: id.to_string(),
                     acquired_unix_ms: 0,
-                    lease: i as i64 + 1,
+                    slot: *slot,
+                    lease: i64::from(*slot) + 1,
                 })
                 .collect(),
             guard: Guard::default(),
         }
     }
 
+    fn describe(d: Decision) -> String {
+        match d {
+            Decision::Renew(h) => format!("renew {}", h.id),
+            Decision::Grant { .. } => "grant".to_string(),
+            Decision::Refuse(r) => format!("refuse: {r}"),
+        }
+    }
+
     fn check(slots: Option<u32>, ids: &[&str], id: &str, open: bool, expected: &str) {
         let got = match decide(&snapshot(slots, ids), id, 1, open) {
             Decision::Renew(h) => format!("renew {}", h.id),
-            Decision::Grant => "grant".to_string(),
+            Decision::Grant { .. } => "grant".to_string(),
             Decision::Refuse(r) => format!("refuse: {r}"),
         };
         assert_eq!(got, expected, "slots {slots:?} holders {ids:?} id {id}");
@@ -333,5 +400,36 @@ mod tests {
             false,
             "refuse: group g: the reboot window is closed, retry later",
         );
+    }
+
+    #[test]
+    fn slot_numbers() {
+        // The granted slot is a free one.
+        for id in ["a", "b", "c", "d", "e", "f"] {
+            match decide(&snapshot_at(Some(4), &[("x", 0), ("y", 2)]), id, 1, true) {
+                Decision::Grant { slot } => assert!(slot == 1 || slot == 3, "{id}: {slot}"),
+                d => panic!("{id}: {d:?}"),
+            }
+        }
+        // After lowering 3 -> 2, a holder still in slot 2 blocks grants even though only one
+        // host holds: otherwise slots 0 and 1 could both be granted, three holders for two slots.
+        assert_eq!(
+            describe(decide(&snapshot_at(Some(2), &[("x", 2)]), "a", 1, true)),
+            "refuse: group g: slot 2 is still held since the slot count was lowered to 2, retry later"
+        );
+        assert_eq!(
+            describe(decide(&snapshot_at(Some(2), &[("x", 1)]), "a", 1, true)),
+            "grant"
+        );
+        // Different ids spread over the free slots.
+        let picks: std::collections::BTreeSet<u32> = (0..50)
+            .filter_map(
+                |i| match decide(&snapshot(Some(16), &[]), &format!("host-{i}"), 1, true) {
+                    Decision::Grant { slot } => Some(slot),
+                    _ => None,
+                },
+            )
+            .collect();
+        assert!(picks.len() > 8, "{picks:?}");
     }
 }

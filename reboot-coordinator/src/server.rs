@@ -236,6 +236,7 @@ fn store_failure(c: &Coordinator, e: StoreError) -> Failure {
     let kind = match e {
         StoreError::Unavailable { .. } => ErrorKind::EtcdUnavailable,
         StoreError::Failed { .. } | StoreError::Corrupt { .. } => ErrorKind::EtcdError,
+        StoreError::Invalid(_) => ErrorKind::Internal,
     };
     Failure(kind, format!("{e}; no reboot slot was granted or released"))
 }
@@ -274,7 +275,7 @@ async fn pre_reboot(
                 tracing::debug!(group = %p.group, id = %p.id, "reboot slot renewed");
                 Ok(())
             }
-            Err(AcquireError::Refused(r @ Refusal::NoSlot { .. })) => {
+            Err(AcquireError::Refused(r @ (Refusal::NoSlot { .. } | Refusal::Lowered { .. }))) => {
                 Err(Failure(ErrorKind::NoSlotAvailable, r.to_string()))
             }
             Err(AcquireError::Refused(Refusal::NewGrantsClosed { group })) => {

@@ -147,6 +147,31 @@ impl EtcdCluster {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
+    /// Index of the member that is raft leader now, as seen by the first running member that
+    /// answers (polled with a 20 s deadline).
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_none() {
+                    continue;
+                }
+                let Ok(mut c) = etcd_client::Client::connect([self.endpoint(i)], None).await else {
+                    continue;
+                };
+                let Ok(status) = c.status().await else {
+                    continue;
+                };
+                let own = status.header().map(|h| h.member_id());
+                if own.is_some() && Some(status.leader()) == own {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no etcd leader after 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills member `i` (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

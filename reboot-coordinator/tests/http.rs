@@ -38,6 +38,8 @@ async fn check(
 async fn protocol_errors_and_success() {
     let etcd = EtcdCluster::start_single().await;
     let server = TestServer::start(etcd.endpoints(), 60, ServerConfig::default()).await;
+    let store = server.coordinator.semaphore.store();
+    store.set_slots("default", 1).await.unwrap();
     let c = http();
     let base = server.url.as_str();
     let ok = r#"{"client_params":{"id":"node-1","group":"default"}}"#;

@@ -249,3 +249,51 @@ async fn etcd_down_fails_closed_and_recovers() {
     assert!(s.release("g", "a").await.unwrap());
     assert_eq!(s.acquire("g", "b", true).await, Ok(Acquired::Granted));
 }
+
+#[tokio::test]
+async fn holder_above_a_lowered_count_blocks_grants() {
+    let etcd = EtcdCluster::start_single().await;
+    let s = semaphore(etcd.endpoints(), 60).await;
+    s.store().set_slots("g", 3).await.unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(s.acquire("g", id, true).await, Ok(Acquired::Granted));
+    }
+    let groups = s.store().groups().await.unwrap();
+    let mut slots: Vec<u32> = groups[0].holders.iter().map(|h| h.slot).collect();
+    slots.sort();
+    assert_eq!(
+        slots,
+        [0, 1, 2],
+        "three holders occupy three distinct slots"
+    );
+    let top = groups[0]
+        .holders
+        .iter()
+        .find(|h| h.slot == 2)
+        .unwrap()
+        .id
+        .clone();
+    s.store().set_slots("g", 2).await.unwrap();
+    for h in &groups[0].holders {
+        if h.id != top {
+            assert!(s.release("g", &h.id).await.unwrap());
+        }
+    }
+    // One holder for two slots, but it sits in slot 2: granting now could reach three holders.
+    assert!(matches!(
+        s.acquire("g", "d", true).await,
+        Err(AcquireError::Refused(Refusal::Lowered {
+            slot: 2,
+            slots: 2,
+            ..
+        }))
+    ));
+    assert!(s.release("g", &top).await.unwrap());
+    assert_eq!(s.acquire("g", "d", true).await, Ok(Acquired::Granted));
+    assert_eq!(s.acquire("g", "e", true).await, Ok(Acquired::Granted));
+    assert!(refused_no_slot(s.acquire("g", "f", true).await));
+    assert!(matches!(
+        s.store().set_slots("g", 10_001).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
