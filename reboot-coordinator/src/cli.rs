@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// File holding the bearer token FleetLock clients must send.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Activity log entries older than this are deleted (checked hourly).
+    #[arg(long, default_value_t = 168)]
+    pub activity_retention_hours: u64,
     /// PEM certificate chain: serve HTTPS instead of HTTP (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -200,6 +203,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .store()
                 .watch_expiries(cancel, |_, _| Metrics::inc(&c.metrics.expiries))
                 .await;
+        });
+    }
+    {
+        let store = store.clone();
+        let cancel = cancel.clone();
+        let retention_ms = args.activity_retention_hours.saturating_mul(3_600_000);
+        tokio::spawn(async move {
+            loop {
+                let cutoff = now_unix_ms().saturating_sub(retention_ms);
+                match store.trim_activity(cutoff).await {
+                    Ok(n) if n > 0 => tracing::info!(deleted = n, "trimmed activity log"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not trim the activity log"),
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+            }
         });
     }
     {

@@ -16,8 +16,8 @@
 
 use crate::semaphore::{GrantRequest, GroupSnapshot, Holder, MAX_SLOTS, SlotStore, StoreError};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -306,6 +306,18 @@ impl EtcdStore {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Deletes activity log entries older than `cutoff_unix_ms` (keys are time-ordered, so this is
+    /// one range delete); returns how many went.
+    pub async fn trim_activity(&self, cutoff_unix_ms: u64) -> Result<i64, StoreError> {
+        let mut c = self.client.clone();
+        let start = self.activity_prefix();
+        let end = format!("{}{cutoff_unix_ms:013}", self.activity_prefix());
+        let resp = self
+            .call(c.delete(start, Some(DeleteOptions::new().with_range(end))))
+            .await?;
+        Ok(resp.deleted())
     }
 
     /// Current etcd revision (a cheap health probe).

@@ -82,6 +82,13 @@ async fn grant_refuse_reenter_release() {
             "granted c"
         ]
     );
+    // Retention: entries older than the cutoff go, newer ones stay.
+    let cutoff = activity[3].at_unix_ms;
+    let older = activity.iter().filter(|e| e.at_unix_ms < cutoff).count() as i64;
+    assert_eq!(s.store().trim_activity(cutoff).await.unwrap(), older);
+    let left = s.store().activity(100).await.unwrap();
+    assert!(left.iter().all(|e| e.at_unix_ms >= cutoff));
+    assert_eq!(left.len(), activity.len() - older as usize);
 }
 
 #[tokio::test]
