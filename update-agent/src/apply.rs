@@ -243,7 +243,7 @@ impl Install<'_> {
         let (start_body, start_image) = match &resume {
             Some(c) => {
                 let mut r = self.slots.open_reader(target.name(), c.image_offset)?;
-                copy_hash(&mut r, &mut image_hasher).map_err(|e| {
+                copy_hash(&mut *r, &mut image_hasher).map_err(|e| {
                     AgentError::new(
                         ErrorKind::Disk,
                         format!(
@@ -312,7 +312,7 @@ impl Install<'_> {
         self.slots.drop_cache(target.name());
         let mut r = self.slots.open_reader(target.name(), manifest.image.size)?;
         let mut h = Sha256::new();
-        let n = copy_hash(&mut r, &mut h).map_err(|e| {
+        let n = copy_hash(&mut *r, &mut h).map_err(|e| {
             AgentError::new(
                 ErrorKind::Disk,
                 format!(
@@ -370,20 +370,55 @@ impl Install<'_> {
     }
 }
 
-fn copy_hash(r: &mut dyn Read, h: &mut Sha256) -> io::Result<u64> {
-    let mut buf = vec![0u8; IMAGE_CHUNK];
-    let mut total = 0u64;
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => {
-                h.update(&buf[..n]);
-                total += n as u64;
+/// Reads `r` to its end into `h`, reading on this thread and hashing on another so disk reads
+/// and SHA-256 overlap. Returns the byte count.
+fn copy_hash(r: &mut (dyn Read + Send), h: &mut Sha256) -> io::Result<u64> {
+    let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(QUEUE + 2);
+    std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            for buf in rx {
+                h.update(&buf);
+                let _ = free_tx.try_send(buf);
             }
+        });
+        let mut total = 0u64;
+        let result = loop {
+            let mut buf = free_rx
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; IMAGE_CHUNK]);
+            buf.resize(IMAGE_CHUNK, 0);
+            let n = match read_full(r, &mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                break Ok(total);
+            }
+            buf.truncate(n);
+            total += n as u64;
+            if tx.send(buf).is_err() {
+                break Ok(total);
+            }
+        };
+        drop(tx);
+        hasher.join().expect("hash thread");
+        result
+    })
+}
+
+/// Fills `buf` as far as `r` allows; returns the bytes read (0 at end of input).
+fn read_full(r: &mut (dyn Read + Send), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
+    Ok(filled)
 }
 
 /// Clears a stale checkpoint (used when an install fails for a reason resuming cannot fix).
@@ -425,10 +460,12 @@ impl Pipeline<'_> {
     ) -> AgentResult<()> {
         let (body_tx, body_rx) = sync_channel::<Vec<u8>>(QUEUE);
         let (image_tx, image_rx) = sync_channel::<ImageMsg>(QUEUE);
+        // Written image buffers go back to the decoder instead of being freed and reallocated.
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(QUEUE + 2);
         let (r, d, w) = std::thread::scope(|s| {
             let fetch = s.spawn(move || self.fetch(reader, source, body_tx));
-            let decode = s.spawn(move || self.decode(body_rx, image_tx));
-            let w = self.write(image_rx, image_hasher, sink, checkpoint);
+            let decode = s.spawn(move || self.decode(body_rx, image_tx, free_rx));
+            let w = self.write(image_rx, image_hasher, sink, checkpoint, free_tx);
             (
                 fetch.join().expect("fetch thread"),
                 decode.join().expect("decode thread"),
@@ -560,7 +597,12 @@ impl Pipeline<'_> {
     }
 
     /// Stage 2: zstd decompression with a bounded window; reports frame ends.
-    fn decode(&self, rx: Receiver<Vec<u8>>, tx: SyncSender<ImageMsg>) -> AgentResult<StageEnd> {
+    fn decode(
+        &self,
+        rx: Receiver<Vec<u8>>,
+        tx: SyncSender<ImageMsg>,
+        free: Receiver<Vec<u8>>,
+    ) -> AgentResult<StageEnd> {
         use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
         let derr =
             |e: io::Error| bundle_error(self.source_desc, BundleError::Decompress(e.to_string()));
@@ -584,7 +626,9 @@ impl Pipeline<'_> {
                 }
                 let was_full = out_pos == out.len();
                 if was_full || (hint == 0 && out_pos > 0) {
-                    let mut full = std::mem::replace(&mut out, vec![0u8; IMAGE_CHUNK]);
+                    let mut next = free.try_recv().unwrap_or_default();
+                    next.resize(IMAGE_CHUNK, 0);
+                    let mut full = std::mem::replace(&mut out, next);
                     full.truncate(out_pos);
                     out_pos = 0;
                     if tx.send(ImageMsg::Data(full)).is_err() {
@@ -627,6 +671,7 @@ impl Pipeline<'_> {
         mut hasher: Sha256,
         sink: &mut dyn SlotSink,
         checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
+        free: SyncSender<Vec<u8>>,
     ) -> AgentResult<()> {
         let image = self.header.manifest().image;
         let mut pos = self.start_image;
@@ -650,6 +695,7 @@ impl Pipeline<'_> {
                     if let Some(p) = self.progress {
                         p.store(pos, Ordering::Relaxed);
                     }
+                    let _ = free.try_send(buf);
                 }
                 ImageMsg::FrameEnd(body_offset) => {
                     if pos - last_checkpoint >= self.policy.checkpoint_every {

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Benchmark: `update-agent install URL` of a bundle served by a local HTTP server into a
+# file-backed slot, versus `curl | zstd -d | dd conv=fsync` of the same bundle body from the same
+# server into a file, in the same run. Also the agent's peak RSS (GNU time) for several image
+# sizes. Writes the result under "## update-agent" in docs/BENCHMARKS.md.
+#
+#   bench/agent.sh                          # 1 GiB image, 3 rounds, RSS also for 256 MiB and 2 GiB
+#   SIZE_MIB=256 ROUNDS=1 RSS_SIZES="" bench/agent.sh
+#
+# Needs: curl, zstd, busybox (httpd, with Range support), GNU time.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+size_mib=${SIZE_MIB:-1024}
+rounds=${ROUNDS:-3}
+rss_sizes=${RSS_SIZES-"256 2048"}
+for tool in curl zstd busybox /usr/bin/time awk; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install curl zstd busybox-static time gawk)" >&2; exit 1; }
+done
+
+cargo build --release -q -p update-agent -p image-tools --manifest-path "$root/Cargo.toml"
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+agent="$target_dir/release/update-agent"
+tool="$target_dir/release/image-tool"
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/agent-bench.XXXXXX")
+httpd_pid=
+cleanup() {
+    [ -n "$httpd_pid" ] && kill "$httpd_pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$tool" keygen --private "$work/key" --public "$work/key.pub" >/dev/null
+"$tool" keyring --public "$work/key.pub" --threshold 1 --out "$work/keyring" >/dev/null
+mkdir -p "$work/www"
+port=$(( 20000 + RANDOM % 20000 ))
+busybox httpd -f -p "127.0.0.1:$port" -h "$work/www" &
+httpd_pid=$!
+
+# make_case MIB: image half random, half zeros (as in REFERENCE.md section 8), bundle, disk.
+make_case() {
+    local mib=$1
+    local half=$((mib / 2))
+    { head -c "$((half * 1024 * 1024))" /dev/urandom; head -c "$(((mib - half) * 1024 * 1024))" /dev/zero; } > "$work/image"
+    "$tool" bundle --image "$work/image" --version 2.0.0 --key "$work/key" --level 3 \
+        --created 0 --out "$work/www/bundle-$mib" >/dev/null
+    rm -f "$work/disk-$mib"
+    head -c 1048576 /dev/zero > "$work/small-image"
+    "$tool" disk create --out "$work/disk-$mib" --slot-size "$((mib + 16))M" --state-size 0 \
+        --image "$work/small-image" >/dev/null
+    rm -f "$work/image"
+    cat "$work/www/bundle-$mib" > /dev/null   # both contenders read from the page cache
+}
+
+# One line per run: "<wall seconds> <max RSS KiB> <user+sys CPU seconds>".
+measure() {
+    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$@" >/dev/null
+    awk '{printf "%s %s %.2f\n", $1, $2, $3 + $4}' "$work/time"
+}
+
+agent_install() {
+    local mib=$1
+    rm -rf "$work/state"
+    measure "$agent" --config-dir "$work/no-config" install --disk "$work/disk-$mib" \
+        --booted-slot a --keyring "$work/keyring" --state-dir "$work/state" \
+        --current-version 1.0.0 "http://127.0.0.1:$port/bundle-$mib"
+}
+
+baseline() {
+    local mib=$1 header_len
+    # Bundle prefix: manifest length (u32 LE at 12) and signature block length (u32 LE at 16).
+    header_len=$(od -An -tu4 -j12 -N8 "$work/www/bundle-$mib" | awk '{print 24 + $1 + $2}')
+    rm -f "$work/dd-target"
+    measure bash -c "curl -s -r $header_len- http://127.0.0.1:$port/bundle-$mib | zstd -dc | dd of=$work/dd-target bs=4M conv=fsync status=none"
+}
+
+median() { sort -n | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+
+make_case "$size_mib"
+bundle_bytes=$(stat -c %s "$work/www/bundle-$size_mib")
+: > "$work/base"; : > "$work/agent"
+for _ in $(seq "$rounds"); do
+    baseline "$size_mib" >> "$work/base"
+    agent_install "$size_mib" >> "$work/agent"
+done
+# Both wrote the same image.
+cmp -n "$((size_mib * 1024 * 1024))" "$work/dd-target" \
+    <(dd if="$work/disk-$size_mib" bs=1M skip=$(( $(od -An -tu8 -j$((1024 + 128 * 3 + 32)) -N8 "$work/disk-$size_mib") * 512 / 1048576 )) count="$size_mib" status=none) \
+    || { echo "bench: slot B and the baseline output differ" >&2; exit 1; }
+
+base_s=$(awk '{print $1}' "$work/base" | median)
+agent_s=$(awk '{print $1}' "$work/agent" | median)
+base_cpu=$(awk '{print $3}' "$work/base" | median)
+agent_cpu=$(awk '{print $3}' "$work/agent" | median)
+rss_kib=$(awk '{print $2}' "$work/agent" | sort -n | tail -1)
+ratio=$(awk -v a="$agent_s" -v b="$base_s" 'BEGIN {printf "%.2f", a / b}')
+rss_rows="| $size_mib MiB | $(awk -v k="$rss_kib" 'BEGIN {printf "%.1f", k / 1024}') MiB |"
+rm -f "$work/disk-$size_mib" "$work/www/bundle-$size_mib" "$work/dd-target"
+
+for mib in $rss_sizes; do
+    make_case "$mib"
+    line=$(agent_install "$mib")
+    rss_rows="$rss_rows
+| $mib MiB | $(echo "$line" | awk '{printf "%.1f", $2 / 1024}') MiB |"
+    rm -f "$work/disk-$mib" "$work/www/bundle-$mib"
+done
+
+load=$(cut -d' ' -f1-3 /proc/loadavg)
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+binary_kib=$(( $(stat -c %s "$agent") / 1024 ))
+
+section=$(cat <<MD
+## update-agent
+
+\`bench/agent.sh\` (SIZE_MIB=$size_mib, ROUNDS=$rounds): a $size_mib MiB image (half random, half
+zeros) bundled by \`image-tool bundle --level 3\` ($bundle_bytes bytes), served by \`busybox httpd\`
+on 127.0.0.1, installed into a file-backed slot of a GPT disk image. Baseline in the same run:
+\`curl -r HEADER- URL | zstd -dc | dd bs=4M conv=fsync\` of the same body into a file. Page cache
+warm, medians of $rounds alternating runs. CPU: $cpu, 2 cores; load average at the end:
+$load. Release binary: $binary_kib KiB.
+
+| what | wall time (median) | CPU user+sys (median) |
+| --- | --- | --- |
+| \`curl \| zstd -dc \| dd conv=fsync\` (baseline: no verification) | $base_s s | $base_cpu s |
+| \`update-agent install URL\` (signature, body SHA-256, zstd, image SHA-256, write, fsync, read-back SHA-256, GPT update) | $agent_s s | $agent_cpu s |
+
+Ratio agent / baseline: **${ratio}x** (target <= 1.1x). The agent does two SHA-256 passes while
+streaming (body and image) and a third over the slot read back from the medium after the fsync
+(page cache dropped first), which the baseline does not do at all.
+
+Peak RSS of \`update-agent install\` (target < 32 MiB for every size):
+
+| image | peak RSS |
+| --- | --- |
+$rss_rows
+MD
+)
+
+doc="$root/docs/BENCHMARKS.md"
+SECTION="$section" awk '
+    BEGIN { s = ENVIRON["SECTION"] }
+    /^## update-agent$/ { print s; skip = 1; next }
+    skip && /^## / { skip = 0 }
+    !skip { print }
+' "$doc" > "$doc.new" && mv "$doc.new" "$doc"
+echo "$section"
