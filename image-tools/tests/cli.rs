@@ -648,6 +648,21 @@ fn disk_create_and_show() {
         out.status.success() && text.contains("No problems found"),
         "{text}"
     );
+    let fdisk = Command::new("fdisk")
+        .args(["-l", &f.p("disk")])
+        .output()
+        .unwrap();
+    let fdisk_err = String::from_utf8_lossy(&fdisk.stderr);
+    let fdisk_out = String::from_utf8_lossy(&fdisk.stdout);
+    assert!(
+        fdisk.status.success() && fdisk_err.trim().is_empty(),
+        "{fdisk_err}"
+    );
+    assert!(fdisk_out.contains("Disklabel type: gpt"), "{fdisk_out}");
+    assert!(
+        !fdisk_out.to_lowercase().contains("mismatch"),
+        "{fdisk_out}"
+    );
     let show = ok(&["disk", "show", &f.p("disk")]);
     assert!(
         show.contains("slot a (USR-A, partition 3): priority=1 tries=0 successful=1"),
