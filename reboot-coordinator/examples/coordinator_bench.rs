@@ -121,11 +121,12 @@ fn main() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(reboot_coordinator::server::run(
             listener,
-            coordinator,
+            coordinator.clone(),
             cancel.clone(),
         ));
-        url
+        (url, coordinator)
     });
+    let (url, coordinator) = url;
 
     let rows: Vec<(String, usize, CaseResult)> = client_rt.block_on(async {
         let mut rows = Vec::new();
@@ -187,5 +188,15 @@ fn main() {
             r.per_second() / raw
         );
     }
+    println!();
+    println!(
+        "Grant conflicts (acquire attempts restarted because another grant took the chosen slot): \
+         {} over {} grants.",
+        coordinator.semaphore.conflicts(),
+        coordinator
+            .metrics
+            .grants
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     drop(etcd);
 }

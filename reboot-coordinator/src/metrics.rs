@@ -37,8 +37,26 @@ impl Metrics {
     }
 
     /// Prometheus text exposition. `groups` is the etcd view at scrape time (`None`: etcd down).
-    pub fn render(&self, groups: Option<&[GroupStatus]>, default_slots: u32) -> String {
+    pub fn render(
+        &self,
+        groups: Option<&[GroupStatus]>,
+        default_slots: u32,
+        grant_conflicts: u64,
+    ) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP reboot_coordinator_grant_conflicts_total Acquire attempts restarted because \
+             another grant took the chosen slot or the slot count changed."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE reboot_coordinator_grant_conflicts_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "reboot_coordinator_grant_conflicts_total {grant_conflicts}"
+        );
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");

@@ -244,11 +244,16 @@ pub enum AcquireError {
 pub struct Semaphore<S> {
     store: S,
     config: SemaphoreConfig,
+    conflicts: std::sync::atomic::AtomicU64,
 }
 
 impl<S: SlotStore> Semaphore<S> {
     pub fn new(store: S, config: SemaphoreConfig) -> Self {
-        Semaphore { store, config }
+        Semaphore {
+            store,
+            config,
+            conflicts: Default::default(),
+        }
     }
 
     pub fn store(&self) -> &S {
@@ -257,6 +262,16 @@ impl<S: SlotStore> Semaphore<S> {
 
     pub fn config(&self) -> &SemaphoreConfig {
         &self.config
+    }
+
+    /// Grant or renewal attempts that had to start over because the store changed under them.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn conflict(&self) {
+        self.conflicts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Takes (or renews) a slot for `id` in `group`. With `new_grants_open == false` only a renewal
@@ -275,6 +290,7 @@ impl<S: SlotStore> Semaphore<S> {
                         return Ok(Acquired::Renewed);
                     }
                     // Expired between read and renew: decide again on fresh data.
+                    self.conflict();
                 }
                 Decision::Grant { slot } => {
                     let grant = GrantRequest {
@@ -289,6 +305,7 @@ impl<S: SlotStore> Semaphore<S> {
                         return Ok(Acquired::Granted);
                     }
                     // Another grant took that slot, or the slot count changed: read again.
+                    self.conflict();
                 }
                 Decision::Refuse(r) => return Err(AcquireError::Refused(r)),
             }

@@ -184,9 +184,11 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
             None
         }
     };
-    let text = c
-        .metrics
-        .render(groups.as_deref(), c.semaphore.config().default_slots);
+    let text = c.metrics.render(
+        groups.as_deref(),
+        c.semaphore.config().default_slots,
+        c.semaphore.conflicts(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
