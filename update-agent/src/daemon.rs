@@ -83,12 +83,20 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Status>();
 
-    let conn = dbus::connect(&settings.bus, None).await.with_context(|| {
-        format!(
-            "cannot connect to the D-Bus bus {:?} (set dbus.bus = \"none\" to run without one)",
-            settings.bus
-        )
-    })?;
+    let conn = match dbus::connect(&settings.bus, None).await {
+        Ok(c) => c,
+        // Minimal images have no system bus: run without the API rather than not at all.
+        Err(e) if settings.bus == crate::config::BusChoice::System => {
+            tracing::warn!(error = %e, "no system bus; running without the D-Bus API (set dbus.bus = \"none\" to silence this)");
+            None
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "cannot connect to the D-Bus bus {:?}: {e} (set dbus.bus = \"none\" to run without one)",
+                settings.bus
+            ));
+        }
+    };
     if let Some(conn) = &conn {
         conn.object_server()
             .at(

@@ -410,3 +410,41 @@ fn the_booted_slot_is_never_opened_for_writing() {
         );
     }
 }
+
+#[test]
+fn configuration_errors_name_the_file_and_key_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[reboot]\nstrategy = \"sometimes\"\n",
+            &["50-bad.toml", "reboot.strategy", "sometimes"][..],
+        ),
+        (
+            "[agent]\ndisk_path = \"/dev/sda\"\n",
+            &["50-bad.toml", "disk_path"][..],
+        ),
+        ("[agent]\ntries = 0\n", &["50-bad.toml", "agent.tries"][..]),
+        (
+            "[server]\nurl = \"not a url\"\n",
+            &["50-bad.toml", "server.url"][..],
+        ),
+    ];
+    for (toml, expected) in cases {
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("10-good.toml"),
+            "[agent]\nboard = \"amd64-usr\"\n",
+        )
+        .unwrap();
+        std::fs::write(conf.join("50-bad.toml"), toml).unwrap();
+        for args in [&["install", "/nonexistent"][..], &["daemon"][..]] {
+            let out = run_agent(&conf, args);
+            assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+            let err = String::from_utf8_lossy(&out.stderr);
+            for e in expected {
+                assert!(err.contains(e), "{toml:?}: {e:?} missing from {err}");
+            }
+        }
+    }
+}

@@ -32,6 +32,7 @@ struct World {
     rt: tokio::runtime::Runtime,
     reboots: Arc<AtomicU32>,
     image: Vec<u8>,
+    bundle_size: u64,
 }
 
 fn world(strategy_lock: bool) -> World {
@@ -67,6 +68,7 @@ fn world(strategy_lock: bool) -> World {
         rt: tokio::runtime::Runtime::new().unwrap(),
         reboots: Arc::new(AtomicU32::new(0)),
         image: img,
+        bundle_size: size,
         dir,
     }
 }
@@ -319,4 +321,70 @@ fn a_new_slot_that_never_comes_up_is_rolled_back_by_the_boot_selector() {
     assert_eq!(w.server.omaha_events().last(), Some(&(3, 0, Some(44))));
     assert_eq!(slots(&w.disk)[1].attrs.priority, 0);
     assert!(w.state().is_quarantined("1.1.0"));
+}
+
+#[test]
+fn coordinated_reboot_waits_for_the_lock_and_the_maintenance_window() {
+    let w = world(true);
+    let base = w.server.url("/payloads/");
+    let size = w.bundle_size;
+    let pre_reboots = Arc::new(AtomicU32::new(0));
+    let calls = pre_reboots.clone();
+    w.server.on_post(move |path, _| match path {
+        "/v1/update/" => (
+            200,
+            omaha_response(APP_ID, Some((&base, "os-1.1.0.tbdl", "1.1.0", size))),
+        ),
+        "/v1/pre-reboot" if calls.fetch_add(1, Ordering::SeqCst) == 0 => (
+            409,
+            r#"{"kind":"failed_lock","value":"all 1 reboot slots are taken"}"#.to_string(),
+        ),
+        "/v1/pre-reboot" | "/v1/steady-state" => (200, String::new()),
+        _ => (404, String::new()),
+    });
+    let mut agent = w.agent(SlotName::A, "1.0.0", RebootStrategy::Coordinated);
+    let clock = sim::ManualClock::default();
+    agent.host.clock = Box::new(clock.clone());
+    // Saturdays 22:00-23:00 UTC; 2026-11-21 is a Saturday.
+    agent.policy.windows = vec![update_agent::config::MaintenanceWindow {
+        days: vec![jiff::civil::Weekday::Saturday],
+        start: jiff::civil::time(22, 0, 0, 0),
+        length: Duration::from_secs(3600),
+        time_zone: jiff::tz::TimeZone::UTC,
+    }];
+    let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    clock
+        .unix_seconds
+        .store(at("2026-11-21T21:00:00Z"), Ordering::SeqCst);
+    agent.after_boot().unwrap();
+    assert!(matches!(
+        agent.check().unwrap(),
+        CheckOutcome::Installed { .. }
+    ));
+
+    assert_eq!(
+        agent.reboot_if_due(false).unwrap(),
+        RebootDecision::WaitForWindow(Duration::from_secs(3600))
+    );
+    assert_eq!(
+        pre_reboots.load(Ordering::SeqCst),
+        0,
+        "no lock outside the window"
+    );
+    clock
+        .unix_seconds
+        .store(at("2026-11-21T22:10:00Z"), Ordering::SeqCst);
+    match agent.reboot_if_due(false).unwrap() {
+        RebootDecision::LockBusy(msg) => {
+            assert!(msg.contains("409") && msg.contains("failed_lock"), "{msg}")
+        }
+        other => panic!("expected LockBusy, got {other:?}"),
+    }
+    assert_eq!(w.reboots.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        agent.reboot_if_due(false).unwrap(),
+        RebootDecision::Rebooted
+    );
+    assert_eq!(w.reboots.load(Ordering::SeqCst), 1);
+    assert!(w.state().reboot_lock_held);
 }
