@@ -28,8 +28,10 @@ single-member etcd on a temp data dir.
 $table
 
 An HTTP round trip costs four etcd writes that each wait for an fsync (lease grant, grant
-transaction, release transaction, lease revoke) plus one range read, against two writes for the
-baseline, so about a third to a half of the baseline rate is the expected ceiling.
+transaction, release transaction, lease revoke after the answer) plus two reads and two HTTP
+requests, against two writes for the baseline; client, coordinator and etcd share the same CPUs
+(load average at start: $(cut -d' ' -f1-3 /proc/loadavg), the machine is shared). The conflict
+line counts grant attempts that lost a race for the same slot number and were retried.
 MD
 )"
 SECTION="$section" python3 - <<'PY'
