@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 async fn semaphore(endpoints: Vec<String>, lease_seconds: u64) -> Semaphore<EtcdStore> {
     let mut config = EtcdConfig::new(endpoints);
-    config.timeout = Duration::from_millis(1500);
+    config.timeout = Duration::from_secs(5);
     let store = EtcdStore::connect(config).await.unwrap();
     Semaphore::new(
         store,
@@ -157,7 +157,7 @@ async fn two_coordinators_racing_never_over_grant() {
 #[tokio::test]
 async fn dead_holder_expires_and_live_holder_keeps_its_slot() {
     let etcd = EtcdCluster::start_single().await;
-    let s = Arc::new(semaphore(etcd.endpoints(), 3).await);
+    let s = Arc::new(semaphore(etcd.endpoints(), 4).await);
     let expiries = Arc::new(AtomicU64::new(0));
     let cancel = tokio_util::sync::CancellationToken::new();
     let watcher = {

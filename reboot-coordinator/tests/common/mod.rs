@@ -23,7 +23,7 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(endpoints: Vec<String>, lease_seconds: u64, config: ServerConfig) -> Self {
         let mut etcd = EtcdConfig::new(endpoints);
-        etcd.timeout = Duration::from_millis(1500);
+        etcd.timeout = Duration::from_secs(5);
         let store = EtcdStore::connect(etcd).await.unwrap();
         let coordinator = Arc::new(Coordinator {
             semaphore: Semaphore::new(
@@ -138,7 +138,7 @@ impl CoordinatorProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_reboot-coordinator"))
             .args(["serve", "--listen", "127.0.0.1:0", "--etcd"])
             .arg(endpoints.join(","))
-            .args(["--etcd-timeout-ms", "1500"])
+            .args(["--etcd-timeout-ms", "5000"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
