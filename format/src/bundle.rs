@@ -1182,6 +1182,41 @@ mod tests {
     }
 
     #[test]
+    fn window_larger_than_limit_is_refused() {
+        // A body needing a 16 MiB zstd window (> 2^MAX_WINDOW_LOG) is refused, not decoded.
+        let img: Vec<u8> = image().iter().cycle().take(20 << 20).copied().collect();
+        let mut body = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut body, 1).unwrap();
+        enc.window_log(MAX_WINDOW_LOG + 1).unwrap();
+        enc.set_pledged_src_size(Some(img.len() as u64)).unwrap();
+        enc.write_all(&img).unwrap();
+        enc.finish().unwrap();
+        let m = Manifest {
+            format_version: FORMAT_VERSION,
+            os_version: Version::parse("1.0.0").unwrap(),
+            created_unix: 0,
+            image: Digest {
+                size: img.len() as u64,
+                sha256: Sha256Digest(Sha256::digest(&img).into()),
+            },
+            body: BodyInfo {
+                size: body.len() as u64,
+                sha256: Sha256Digest(Sha256::digest(&body).into()),
+                compression: Compression::Zstd,
+            },
+            min_source_version: None,
+            board: None,
+        };
+        let mut bytes = encode_header(&m, &[key(1)]).unwrap();
+        bytes.extend_from_slice(&body);
+        let e = verify(&bytes, &ring(1, &[1])).unwrap_err();
+        assert!(
+            matches!(&e, BundleError::Decompress(m) if m.contains("memory")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn empty_image_round_trips() {
         let mut out = Vec::new();
         let mut scratch = Cursor::new(Vec::new());
