@@ -24,8 +24,10 @@ enum Command {
     /// Generate an ed25519 key pair (private: PKCS#8 PEM, mode 0600; public: SPKI PEM).
     /// Refuses to overwrite either file. Prints the key id.
     Keygen {
+        /// Where to write the private key (created with mode 0600).
         #[arg(long, value_name = "FILE")]
         private: PathBuf,
+        /// Where to write the public key.
         #[arg(long, value_name = "FILE")]
         public: PathBuf,
     },
@@ -40,6 +42,7 @@ enum Command {
         /// Keyring serial; a rotation must increase it.
         #[arg(long, default_value_t = 1)]
         serial: u64,
+        /// Keyring file to write.
         #[arg(long, value_name = "KEYRING")]
         out: PathBuf,
     },
@@ -54,25 +57,30 @@ enum Command {
         /// Private key of the current keyring; repeat up to its threshold.
         #[arg(long = "key", value_name = "PRIVATE", required = true)]
         keys: Vec<PathBuf>,
+        /// Rotation file to write.
         #[arg(long, value_name = "ROTATION")]
         out: PathBuf,
     },
     /// Check a keyring rotation file against the current keyring; exit 0 only if accepted.
     VerifyRotation {
+        /// The keyring the host trusts now.
         #[arg(long, value_name = "KEYRING")]
         keyring: PathBuf,
         /// Write the accepted new keyring here.
         #[arg(long, value_name = "KEYRING")]
         out: Option<PathBuf>,
+        /// Rotation file to check.
         rotation: PathBuf,
     },
     /// Build a reproducible read-only squashfs (zstd) image of a directory.
     Build {
+        /// Directory tree to put in the image.
         #[arg(long, value_name = "DIR")]
         rootfs: PathBuf,
         /// Release version (semver), written to /usr/lib/twinroot-release in the image.
         #[arg(long, value_name = "V")]
         version: Version,
+        /// Image file to write.
         #[arg(long, value_name = "IMAGE")]
         out: PathBuf,
         /// Timestamp of every inode (seconds since the epoch); default $SOURCE_DATE_EPOCH or 0.
@@ -81,13 +89,16 @@ enum Command {
     },
     /// Compress and sign an image into a release bundle.
     Bundle {
+        /// Root image to ship (for example from `image-tool build`).
         #[arg(long, value_name = "IMAGE")]
         image: PathBuf,
+        /// Release version (semver) for the manifest.
         #[arg(long, value_name = "V")]
         version: Version,
         /// Private key (PKCS#8 PEM); repeat to add signatures.
         #[arg(long = "key", value_name = "PRIVATE", required = true)]
         keys: Vec<PathBuf>,
+        /// Bundle file to write.
         #[arg(long, value_name = "BUNDLE")]
         out: PathBuf,
         /// Creation time in the manifest; default $SOURCE_DATE_EPOCH or now.
@@ -106,14 +117,18 @@ enum Command {
     },
     /// Verify a bundle's signatures and its whole body; exit 0 only if everything matches.
     Verify {
+        /// Keyring (trust policy) to verify against.
         #[arg(long, value_name = "KEYRING")]
         keyring: PathBuf,
+        /// Bundle file to verify.
         bundle: PathBuf,
     },
     /// Print a bundle's manifest and signatures (not verified).
     Inspect {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Bundle file to read.
         bundle: PathBuf,
     },
     /// GPT disk images with A/B slots.
@@ -127,6 +142,7 @@ enum Command {
 enum DiskCommand {
     /// Create a disk image: USR-A (holding IMAGE, marked good), USR-B (empty), STATE.
     Create {
+        /// Disk image file to write.
         #[arg(long, value_name = "DISK")]
         out: PathBuf,
         /// Size of each slot (bytes, or with K/M/G suffix; rounded up to MiB).
@@ -135,13 +151,16 @@ enum DiskCommand {
         /// Size of the state partition (0 for none).
         #[arg(long, value_name = "SIZE", value_parser = disk::parse_size, default_value = "16M")]
         state_size: u64,
+        /// Root image to copy into slot A.
         #[arg(long, value_name = "IMAGE")]
         image: PathBuf,
     },
     /// Print each slot's priority, tries and successful bit.
     Show {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Disk image file or block device.
         disk: PathBuf,
     },
 }
