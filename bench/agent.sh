@@ -26,8 +26,10 @@ tool="$target_dir/release/image-tool"
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/agent-bench.XXXXXX")
 httpd_pid=
+rauc_pid=
+dbus_pid=
 cleanup() {
-    [ -n "$httpd_pid" ] && kill "$httpd_pid" 2>/dev/null || true
+    for pid in $httpd_pid $rauc_pid $dbus_pid; do kill "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,7 +52,6 @@ make_case() {
     head -c 1048576 /dev/zero > "$work/small-image"
     "$tool" disk create --out "$work/disk-$mib" --slot-size "$((mib + 16))M" --state-size 0 \
         --image "$work/small-image" >/dev/null
-    rm -f "$work/image"
     cat "$work/www/bundle-$mib" > /dev/null   # both contenders read from the page cache
 }
 
@@ -61,11 +62,66 @@ measure() {
 }
 
 agent_install() {
-    local mib=$1
+    local mib=$1 source=${2:-"http://127.0.0.1:$port/bundle-$1"}
     rm -rf "$work/state"
     measure "$agent" --config-dir "$work/no-config" install --disk "$work/disk-$mib" \
         --booted-slot a --keyring "$work/keyring" --state-dir "$work/state" \
-        --current-version 1.0.0 "http://127.0.0.1:$port/bundle-$mib"
+        --current-version 1.0.0 "$source"
+}
+
+# RAUC 1.8 (REFERENCE.md section 8): plain bundle, noop bootloader, raw slots on files, a
+# system bus of its own when none runs. Installs from a local file (RAUC streaming needs verity
+# bundles, which need device-mapper), so the agent is measured from the same local file too.
+rauc_bench() {
+    local mib=$1 r="$work/rauc"
+    mkdir -p "$r/content"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$r/key.pem" -out "$r/cert.pem" \
+        -days 30 -subj /CN=twinroot-bench 2>/dev/null
+    mv "$work/image" "$r/content/rootfs.img"
+    printf '[update]\ncompatible=twinroot-bench\nversion=2.0.0\n\n[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=rootfs.img\n' \
+        > "$r/content/manifest.raucm"
+    rauc bundle --cert "$r/cert.pem" --key "$r/key.pem" "$r/content" "$r/bundle.raucb" >/dev/null 2>&1
+    rm -rf "$r/content"
+    truncate -s "$((mib + 16))M" "$r/slotA.img" "$r/slotB.img"
+    cat > "$r/system.conf" <<CONF
+[system]
+compatible=twinroot-bench
+bootloader=noop
+bundle-formats=plain
+
+[keyring]
+path=$r/cert.pem
+
+[slot.rootfs.0]
+device=$r/slotA.img
+type=raw
+bootname=A
+
+[slot.rootfs.1]
+device=$r/slotB.img
+type=raw
+bootname=B
+CONF
+    if [ ! -S /run/dbus/system_bus_socket ]; then
+        mkdir -p /run/dbus
+        dbus_pid=$(dbus-daemon --system --fork --print-pid)
+    fi
+    rauc service --conf="$r/system.conf" --override-boot-slot=A >"$r/service.log" 2>&1 &
+    rauc_pid=$!
+    for _ in $(seq 100); do rauc status >/dev/null 2>&1 && break; sleep 0.1; done
+    cat "$r/bundle.raucb" > /dev/null
+    : > "$work/rauc-times"; : > "$work/agent-file"
+    for _ in $(seq "$rounds"); do
+        measure rauc install "$r/bundle.raucb" >> "$work/rauc-times"
+        agent_install "$mib" "$work/www/bundle-$mib" >> "$work/agent-file"
+    done
+    rauc_rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$rauc_pid/status")
+    kill "$rauc_pid"; rauc_pid=
+    [ -n "$dbus_pid" ] && kill "$dbus_pid"; dbus_pid=
+    rauc_s=$(awk '{print $1}' "$work/rauc-times" | median)
+    agent_file_s=$(awk '{print $1}' "$work/agent-file" | median)
+    agent_file_rss=$(awk '{print $2}' "$work/agent-file" | sort -n | tail -1)
+    rm -rf "$r"
 }
 
 baseline() {
@@ -80,6 +136,15 @@ median() { sort -n | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+
 
 make_case "$size_mib"
 bundle_bytes=$(stat -c %s "$work/www/bundle-$size_mib")
+rauc_rows=""
+if command -v rauc >/dev/null && command -v dbus-daemon >/dev/null && command -v openssl >/dev/null; then
+    rauc_bench "$size_mib"
+    rauc_rows="| \`update-agent install FILE\` (same checks, local bundle) | $agent_file_s s | | $(awk -v k="$agent_file_rss" 'BEGIN {printf "%.1f", k / 1024}') MiB |
+| \`rauc install FILE\` (RAUC 1.8, plain bundle, raw slot; RSS of the rauc service) | $rauc_s s | | $(awk -v k="$rauc_rss_kib" 'BEGIN {printf "%.1f", k / 1024}') MiB |"
+else
+    echo "bench: rauc not installed (apt-get install rauc rauc-service dbus openssl): skipping the RAUC comparison" >&2
+fi
+rm -f "$work/image"
 : > "$work/base"; : > "$work/agent"
 for _ in $(seq "$rounds"); do
     baseline "$size_mib" >> "$work/base"
@@ -101,6 +166,7 @@ rm -f "$work/disk-$size_mib" "$work/www/bundle-$size_mib" "$work/dd-target"
 
 for mib in $rss_sizes; do
     make_case "$mib"
+    rm -f "$work/image"
     line=$(agent_install "$mib")
     rss_rows="$rss_rows
 | $mib MiB | $(echo "$line" | awk '{printf "%.1f", $2 / 1024}') MiB |"
@@ -121,10 +187,11 @@ on 127.0.0.1, installed into a file-backed slot of a GPT disk image. Baseline in
 warm, medians of $rounds alternating runs. CPU: $cpu, 2 cores; load average at the end:
 $load. Release binary: $binary_kib KiB.
 
-| what | wall time (median) | CPU user+sys (median) |
-| --- | --- | --- |
-| \`curl \| zstd -dc \| dd conv=fsync\` (baseline: no verification) | $base_s s | $base_cpu s |
-| \`update-agent install URL\` (signature, body SHA-256, zstd, image SHA-256, write, fsync, read-back SHA-256, GPT update) | $agent_s s | $agent_cpu s |
+| what | wall time (median) | CPU user+sys (median) | peak RSS |
+| --- | --- | --- | --- |
+| \`curl \| zstd -dc \| dd conv=fsync\` (baseline: no verification) | $base_s s | $base_cpu s | |
+| \`update-agent install URL\` (signature, body SHA-256, zstd, image SHA-256, write, fsync, read-back SHA-256, GPT update) | $agent_s s | $agent_cpu s | $(awk -v k="$rss_kib" 'BEGIN {printf "%.1f", k / 1024}') MiB |
+$rauc_rows
 
 Ratio agent / baseline: **${ratio}x** (target <= 1.1x). The agent does two SHA-256 passes while
 streaming (body and image) and a third over the slot read back from the medium after the fsync

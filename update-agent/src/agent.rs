@@ -301,6 +301,21 @@ impl Agent {
             });
         }
 
+        if let Some(staged) = s.staged.clone()
+            && staged.slot == booted.to_string()
+            && staged.reboot_requested
+            && booted_attrs.priority == 0
+        {
+            // This boot was already judged bad (the agent restarted before its reboot went
+            // through): do not judge it again, go back.
+            self.machine.boot_bad().ok();
+            self.publish();
+            return Ok(BootOutcome::MarkedBad {
+                version: staged.version,
+                reason: "marked bad earlier in this boot".into(),
+            });
+        }
+
         if booted_attrs.successful {
             // A steady boot: release a reboot slot we may still hold (released late after a
             // restart, or a failed release).

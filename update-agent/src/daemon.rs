@@ -80,6 +80,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         current_version: agent.policy.install.current_version.to_string(),
         ..Status::default()
     }));
+    let progress_bytes = agent.progress.clone();
     let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<Status>();
 
@@ -103,6 +104,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 dbus::OBJECT_PATH,
                 AgentObject {
                     status: status.clone(),
+                    progress_bytes: progress_bytes.clone(),
                     requests: req_tx.clone(),
                 },
             )
@@ -201,6 +203,9 @@ fn core_loop(
                     }
                     other => other.progress(),
                 };
+                if let Operation::Downloading { total, .. } = op {
+                    s.total_bytes = *total;
+                }
                 s.clone()
             };
             let _ = sig.send(snapshot);

@@ -24,6 +24,8 @@ pub struct Status {
     pub new_version: String,
     pub last_check_unix: u64,
     pub last_error: String,
+    /// Image bytes to write while downloading (for live progress).
+    pub total_bytes: u64,
 }
 
 /// A request from the bus to the core thread, with where to send the answer.
@@ -36,6 +38,8 @@ pub enum Request {
 /// The served object.
 pub struct AgentObject {
     pub status: Arc<Mutex<Status>>,
+    /// Image bytes written by the running install.
+    pub progress_bytes: Arc<std::sync::atomic::AtomicU64>,
     pub requests: std::sync::mpsc::Sender<Request>,
 }
 
@@ -62,9 +66,17 @@ impl AgentObject {
 impl AgentObject {
     async fn get_status(&self) -> (String, f64, String, String, u64, String) {
         let s = self.status.lock().expect("status lock").clone();
+        let progress = if s.operation == "downloading" && s.total_bytes > 0 {
+            let done = self
+                .progress_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (done as f64 / s.total_bytes as f64).min(1.0)
+        } else {
+            s.progress
+        };
         (
             s.operation,
-            s.progress,
+            progress,
             s.current_version,
             s.new_version,
             s.last_check_unix,

@@ -213,6 +213,22 @@ fn failed_required_hook_reverts_and_the_old_slot_reports_the_rollback() {
     let s = slots(&w.disk);
     assert_eq!(s[1].attrs.priority, 0, "bad slot B must be unbootable");
     assert!(s[0].attrs.is_bootable());
+    // The agent restarts before its reboot went through: the verdict stands, no re-check.
+    drop(agent);
+    let health_events = |w: &World| {
+        w.server
+            .omaha_events()
+            .iter()
+            .filter(|e| **e == (3, 0, Some(40)))
+            .count()
+    };
+    assert_eq!(health_events(&w), 1);
+    let mut agent = w.agent(SlotName::B, "1.1.0", RebootStrategy::Immediate);
+    assert!(matches!(
+        agent.after_boot().unwrap(),
+        BootOutcome::MarkedBad { .. }
+    ));
+    assert_eq!(health_events(&w), 1);
     assert_eq!(
         agent.reboot_if_due(false).unwrap(),
         RebootDecision::Rebooted
