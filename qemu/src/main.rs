@@ -92,6 +92,15 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout_secs: u64,
+        /// Stop as soon as the console prints this text, and print how long it took.
+        #[arg(long)]
+        until: Option<String>,
+        /// Boot the compressed bzImage even when the PVH vmlinux can be extracted.
+        #[arg(long)]
+        bzimage: bool,
+        /// Don't copy the console to stdout (it still goes to --log).
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -193,27 +202,40 @@ fn disk(out: &Path, slot_a: &Path, slot_b: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn run(
-    disk: &Path,
-    initrd: &Path,
-    kernel_image: Option<PathBuf>,
-    log: &Path,
+struct RunArgs {
+    disk: PathBuf,
+    initrd: PathBuf,
+    kernel: Option<PathBuf>,
+    log: PathBuf,
     memory_mib: u32,
     timeout: Duration,
-) -> Result<()> {
-    let kernel_image = match kernel_image {
+    until: Option<String>,
+    bzimage: bool,
+    quiet: bool,
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let kernel_image = match a.kernel {
         Some(k) => k,
+        None if a.bzimage => kernel(None)?.image,
         None => {
             let k = kernel(None)?;
             let cache = std::env::temp_dir().join("twinroot-kernel-cache");
             pvh_kernel(&k, &cache)?.unwrap_or(k.image)
         }
     };
-    let mut config = HostConfig::new("host", disk, &kernel_image, initrd, log);
-    config.memory_mib = memory_mib;
-    config.echo = true;
+    let mut config = HostConfig::new("host", &a.disk, &kernel_image, &a.initrd, &a.log);
+    config.memory_mib = a.memory_mib;
+    config.echo = !a.quiet;
     let mut host = Host::start(config)?;
-    let status = host.wait_exit(timeout)?;
+    if let Some(text) = a.until {
+        let line = host.wait_for(&text, a.timeout)?;
+        let secs = host.uptime().as_secs_f64();
+        host.stop()?;
+        println!("reached after {secs:.2} s: {line}");
+        return Ok(());
+    }
+    let status = host.wait_exit(a.timeout)?;
     println!("qemu exited: {status}");
     Ok(())
 }
@@ -261,13 +283,19 @@ fn main() -> Result<()> {
             log,
             memory_mib,
             timeout_secs,
-        } => run(
-            &disk,
-            &initrd,
+            until,
+            bzimage,
+            quiet,
+        } => run(RunArgs {
+            disk,
+            initrd,
             kernel,
-            &log,
+            log,
             memory_mib,
-            Duration::from_secs(timeout_secs),
-        ),
+            timeout: Duration::from_secs(timeout_secs),
+            until,
+            bzimage,
+            quiet,
+        }),
     }
 }
