@@ -582,6 +582,28 @@ impl BootKit {
     }
 }
 
+/// A binary of another workspace crate (e.g. `update-agent`), built in the same profile as the
+/// running test: `TWINROOT_BIN_DIR/NAME` when that variable is set, else `NAME` in the target
+/// profile directory of the current executable (`target/debug/deps/x` -> `target/debug/NAME`).
+/// `scripts/test` builds every workspace binary before the tests.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("TWINROOT_BIN_DIR") {
+        candidates.push(PathBuf::from(dir).join(name));
+    }
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        candidates.push(dir.join(name));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!(
+            "binary {name} not found next to {} (build it first: cargo build -p {name} \
+             [--release], or set TWINROOT_BIN_DIR)",
+            exe.display()
+        )
+    })
+}
+
 /// The URL under which a guest reaches a service listening on the build host's loopback `port`
 /// (QEMU user-mode networking maps 10.0.2.2 to the host), e.g. `guest_url(8080, "/v1/update/")`.
 pub fn guest_url(port: u16, path: &str) -> String {

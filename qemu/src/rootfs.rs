@@ -79,6 +79,9 @@ pub struct AgentImageConfig {
     pub fleetlock_url: Option<String>,
     /// Seconds before the first update check and between checks (short for tests).
     pub poll_secs: u64,
+    /// Whether reaching the update server is one of the post-boot checks (on by default when a
+    /// server is configured).
+    pub check_server: bool,
 }
 
 impl AgentImageConfig {
@@ -89,6 +92,19 @@ impl AgentImageConfig {
             reboot_strategy: "immediate".to_string(),
             fleetlock_url: None,
             poll_secs: 2,
+            check_server: true,
+        }
+    }
+
+    /// An agent with no update server: it only runs the post-boot checks and marks slots.
+    pub fn offline() -> Self {
+        AgentImageConfig {
+            server_url: None,
+            track: "stable".to_string(),
+            reboot_strategy: "immediate".to_string(),
+            fleetlock_url: None,
+            poll_secs: 2,
+            check_server: false,
         }
     }
 
@@ -109,7 +125,9 @@ impl AgentImageConfig {
             (p * 4).max(1)
         ));
         t.push_str(&format!(
-            "[checks]\ndir = \"/{CHECKS_DIR}\"\nsystem_not_degraded = false\n\n[reboot]\nstrategy = {:?}\nmethod = \"syscall\"\n",
+            "[checks]\ndir = \"/{CHECKS_DIR}\"\nserver_reachable = {}\nsystem_not_degraded = false\n\n\
+             [reboot]\nstrategy = {:?}\nmethod = \"syscall\"\n",
+            self.check_server && self.server_url.is_some(),
             self.reboot_strategy
         ));
         if let Some(url) = &self.fleetlock_url {
@@ -202,6 +220,9 @@ impl RootfsSpec {
         }
     }
 }
+
+/// The CA bundle copied into images that ship the agent.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The modules the root init loads itself when the initramfs did not (network).
 const NET_MODULES: &[&str] = &["virtio_net"];
@@ -299,6 +320,12 @@ pub fn write_rootfs(spec: &RootfsSpec, dir: &Path) -> Result<()> {
         fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", dest.display()))?;
         copy_libraries(&agent.binary, dir)?;
+        // The agent's HTTP client (rustls with the platform verifier) refuses to start without
+        // trusted roots: ship the build host's CA bundle.
+        let ca = Path::new(CA_BUNDLE);
+        if ca.is_file() {
+            copy(ca, &dir.join(CA_BUNDLE.trim_start_matches('/')), 0o644)?;
+        }
         write(&dir.join(AGENT_CONFIG_PATH), &agent.config, 0o644)?;
         let args = agent
             .args
