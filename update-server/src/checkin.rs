@@ -1,17 +1,32 @@
-//! The Omaha endpoint's logic: one request in, one response out, all state changes committed in
-//! one transaction per app before the response is written.
+//! The Omaha endpoint's logic.
+//!
+//! Check-ins are handed to one writer task per process, which takes whatever check-ins are
+//! waiting (up to [`MAX_BATCH`]) and records them in one transaction: one read of the channels
+//! and rollouts (locked on PostgreSQL), one read of the hosts' records, the rollout decisions in
+//! memory over counts read from the database plus the changes of the batch itself, then
+//! multi-row writes and one commit. Only after the commit does any host get its answer, so an
+//! acknowledged event is never lost, and the counts each decision sees include every earlier
+//! decision (of this batch, of earlier batches, and of other server processes).
 
-use anyhow::Result;
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Result, anyhow};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use semver::Version;
+use tokio::sync::{mpsc, oneshot};
 use twinroot_format::omaha::{
     self, Action, AppRequest, AppResponse, Package, Request, Response, UpdateCheckResponse,
     UpdateOffer, event_result, event_type,
 };
 
-use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout};
-use crate::store::{HistoryRow, InstanceRow, ReleaseRow, Store, Tx};
+use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout, RolloutCounts};
+use crate::store::{
+    Backend, ChannelRow, HistoryRow, InstanceRow, ReleaseRow, RolloutRow, Store, Tx,
+};
+
+/// Most check-ins recorded in one transaction.
+pub const MAX_BATCH: usize = 256;
 
 /// Statuses of a host that has a grant and has not finished it.
 pub fn is_in_flight(status: &str) -> bool {
@@ -39,9 +54,112 @@ pub struct CheckinSummary {
     pub events: u32,
 }
 
+impl CheckinSummary {
+    fn merge(&mut self, o: CheckinSummary) {
+        self.granted += o.granted;
+        self.holds.extend(o.holds);
+        self.halted.extend(o.halted);
+        self.events += o.events;
+    }
+}
+
+type Answer = (Option<UpdateCheckResponse>, CheckinSummary);
+
+struct Job {
+    app: AppRequest,
+    machine_id: String,
+    codebase: String,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Answer>>,
+}
+
+/// Handle to the writer task.
+#[derive(Clone)]
+pub struct Checkins {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Checkins {
+    /// Starts the writer task for `store`; it ends when every handle is dropped.
+    pub fn start(store: Store) -> Checkins {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(store, rx));
+        Checkins { jobs: tx }
+    }
+
+    async fn submit(
+        &self,
+        app: &AppRequest,
+        machine_id: &str,
+        codebase: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                app: app.clone(),
+                machine_id: machine_id.to_string(),
+                codebase: codebase.to_string(),
+                now,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow!("check-in writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow!("check-in writer dropped the check-in"))?
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match record_batch(&store, &jobs).await {
+                // PostgreSQL may abort one of two crossing transactions; try again.
+                Err(e) if attempt < 4 && store.backend == Backend::Postgres => {
+                    tracing::debug!(error = %e, "retrying check-in batch");
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(answers) => {
+                for (job, answer) in jobs.into_iter().zip(answers) {
+                    let _ = job.reply.send(Ok(answer));
+                }
+            }
+            Err(e) if jobs.len() > 1 => {
+                // Isolate the check-in that failed: record the others one by one.
+                tracing::warn!(error = %format!("{e:#}"), "check-in batch failed; retrying singly");
+                for job in jobs {
+                    let one = std::slice::from_ref(&job);
+                    let r = record_batch(&store, one)
+                        .await
+                        .map(|mut a| a.pop().expect("one answer"));
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(anyhow!("{e:#}")));
+                }
+            }
+        }
+    }
+}
+
 /// Answers a parsed request. `codebase` is the payload URL prefix (ends with '/').
 pub async fn handle(
-    store: &Store,
+    checkins: &Checkins,
     cfg: &OmahaConfig,
     req: &Request,
     codebase: &str,
@@ -74,19 +192,8 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
-        summary.events += app.events.len() as u32;
-        let mut attempt = 0;
-        let answer = loop {
-            attempt += 1;
-            match checkin_app(store, app, machine_id, codebase, now, &mut summary).await {
-                Ok(a) => break a,
-                // PostgreSQL may abort one of two crossing transactions; try again.
-                Err(e) if attempt < 4 && store.backend == crate::store::Backend::Postgres => {
-                    tracing::debug!(machine_id, error = %e, "retrying check-in transaction");
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (answer, s) = checkins.submit(app, machine_id, codebase, now).await?;
+        summary.merge(s);
         out.update_check = answer;
         resp.apps.push(out);
     }
@@ -97,154 +204,453 @@ fn parse_version(v: Option<&str>) -> Option<Version> {
     v.and_then(|v| Version::parse(v.trim()).ok())
 }
 
-async fn checkin_app(
-    store: &Store,
-    app: &AppRequest,
-    machine_id: &str,
-    codebase: &str,
-    now: DateTime<Utc>,
-    summary: &mut CheckinSummary,
-) -> Result<Option<UpdateCheckResponse>> {
-    let ts = now.timestamp();
-    let channel = app
-        .track
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .unwrap_or("stable")
-        .chars()
-        .take(64)
-        .collect::<String>();
-    let group: String = app.group_name().unwrap_or("").chars().take(64).collect();
+/// (channel, rollout group, release version)
+type CountKey = (String, String, String);
+
+/// Everything one batch reads and changes.
+struct Batch {
+    channels: HashMap<String, ChannelRow>,
+    rollouts: BTreeMap<(String, String), RolloutRow>,
+    releases: HashMap<String, Option<ReleaseRow>>,
+    /// Records as stored before this batch.
+    original: HashMap<String, InstanceRow>,
+    /// Records as this batch leaves them.
+    current: HashMap<String, InstanceRow>,
+    /// Counts from the database (state before this batch).
+    db_counts: HashMap<CountKey, RolloutCounts>,
+    /// New grants of this batch per (channel, rollout group).
+    new_grants: HashMap<(String, String), u64>,
+    history: Vec<HistoryRow>,
+    grants: Vec<(String, String, String, String, i64)>,
+}
+
+async fn record_batch(store: &Store, jobs: &[Job]) -> Result<Vec<Answer>> {
     let mut tx = store.begin().await?;
-    let channel_row = Store::channel_in(&mut tx, &channel).await?;
-    let rollout_group = if Store::has_group_rollout(&mut tx, &channel, &group).await? {
-        group.clone()
-    } else {
-        String::new()
+    let channels = Store::channels_in(&mut tx).await?;
+    let rollouts = store.rollouts_locked(&mut tx).await?;
+    let mut ids: Vec<String> = jobs.iter().map(|j| j.machine_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let original: HashMap<String, InstanceRow> = store
+        .instances_by_ids(&mut tx, &ids)
+        .await?
+        .into_iter()
+        .map(|i| (i.machine_id.clone(), i))
+        .collect();
+    let mut b = Batch {
+        channels: channels.into_iter().map(|c| (c.name.clone(), c)).collect(),
+        rollouts: rollouts
+            .into_iter()
+            .map(|r| ((r.channel.clone(), r.group.clone()), r))
+            .collect(),
+        releases: HashMap::new(),
+        current: original.clone(),
+        original,
+        db_counts: HashMap::new(),
+        new_grants: HashMap::new(),
+        history: Vec::new(),
+        grants: Vec::new(),
     };
-    let rollout = if channel_row.is_some() {
-        store
-            .rollout_locked(&mut tx, &channel, &rollout_group)
-            .await?
-    } else {
-        None
-    };
-    let existing = Store::instance_in(&mut tx, machine_id).await?;
-    let mut inst = existing.clone().unwrap_or_else(|| InstanceRow {
-        machine_id: machine_id.to_string(),
-        app_id: app.app_id.clone(),
-        channel: channel.clone(),
-        group: group.clone(),
-        rollout_group: rollout_group.clone(),
-        version: None,
-        board: None,
-        boot_id: None,
-        status: "idle".to_string(),
-        error_code: None,
-        target_version: None,
-        granted_at: None,
-        outcome: None,
-        outcome_version: None,
-        outcome_at: None,
-        failed_version: None,
-        first_seen: ts,
-        last_seen: ts,
-        checkins: 0,
-    });
-    inst.app_id = app.app_id.clone();
-    inst.channel = channel.clone();
-    inst.group = group.clone();
-    inst.rollout_group = rollout_group.clone();
-    inst.version = app.version.clone().or(inst.version);
-    inst.board = app.board.clone().or(inst.board);
-    inst.boot_id = app.boot_id.clone().or(inst.boot_id);
-    inst.last_seen = ts;
-    inst.checkins += 1;
-    let history = |inst: &InstanceRow, ev: Option<&omaha::Event>| HistoryRow {
-        at: ts,
-        machine_id: inst.machine_id.clone(),
-        channel: inst.channel.clone(),
-        group: inst.group.clone(),
-        version: inst.version.clone(),
-        target_version: inst.target_version.clone(),
-        status: inst.status.clone(),
-        event_type: ev.map(|e| i64::from(e.event_type)),
-        event_result: ev.map(|e| i64::from(e.event_result)),
-        error_code: ev.and_then(|e| e.error_code),
-    };
-
-    // A host that reports the version it was granted has completed the update.
-    if is_in_flight(&inst.status)
-        && inst.target_version.is_some()
-        && inst.target_version == inst.version
-        && app.events.is_empty()
-    {
-        inst.status = "complete".to_string();
-        inst.outcome = Some("success".to_string());
-        inst.outcome_version = inst.target_version.clone();
-        inst.outcome_at = Some(now.timestamp_millis());
-        Store::insert_history(&mut tx, &history(&inst, None)).await?;
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        answers.push(b.checkin(&mut tx, job).await?);
     }
-
-    // Events first: they change what the host's status is.
-    let mut failure_versions = Vec::new();
-    for ev in &app.events {
-        apply_event(&mut inst, ev, now.timestamp_millis());
-        if ev.is_failure()
-            && let Some(v) = inst.outcome_version.clone()
-        {
-            failure_versions.push(v);
-        }
-        Store::insert_history(&mut tx, &history(&inst, Some(ev))).await?;
-    }
-    Store::upsert_instance(&mut tx, &inst).await?;
-
-    // Automatic halt, judged right when a failure arrives.
-    let mut rollout = rollout;
-    if let Some(r) = rollout.as_mut()
-        && !r.paused
-    {
-        for v in failure_versions {
-            let counts = Store::counts(
-                &mut tx,
-                &channel,
-                &rollout_group,
-                &v,
-                &r.policy,
-                r.counts_since,
-                ts,
-            )
-            .await?;
-            if let Some(reason) = policy::halt_reason(r.policy.halt.as_ref(), &counts) {
-                halt(&mut tx, &channel, &rollout_group, &v, &reason, ts).await?;
-                summary.halted.push(channel.clone());
-                r.paused = true;
-                r.auto_halted = true;
-                r.pause_reason = Some(reason);
-                break;
-            }
-        }
-    }
-
-    let mut answer = None;
-    if app.update_check.is_some() {
-        let (update, changed) = match (&channel_row, &rollout) {
-            (Some(ch), Some(r)) => {
-                decide_update(&mut tx, app, &mut inst, ch, r, codebase, now, summary).await?
-            }
-            _ => {
-                summary.holds.push("unknown_channel");
-                (UpdateCheckResponse::NoUpdate, false)
-            }
-        };
-        if changed {
-            Store::upsert_instance(&mut tx, &inst).await?;
-            Store::insert_history(&mut tx, &history(&inst, None)).await?;
-        }
-        answer = Some(update);
+    let mut touched: Vec<&InstanceRow> = b.current.values().collect();
+    touched.sort_by(|a, c| a.machine_id.cmp(&c.machine_id));
+    store.upsert_instances(&mut tx, &touched).await?;
+    store.insert_history_many(&mut tx, &b.history).await?;
+    for (machine, channel, group, version, at) in &b.grants {
+        Store::insert_grant(&mut tx, machine, channel, group, version, *at).await?;
     }
     tx.commit().await?;
-    Ok(answer)
+    Ok(answers)
+}
+
+/// What a host record adds to the counts of `key`: (in flight, success, failure).
+fn contribution(
+    i: Option<&InstanceRow>,
+    key: &CountKey,
+    r: &RolloutRow,
+    now: i64,
+) -> (i64, i64, i64) {
+    let Some(i) = i else { return (0, 0, 0) };
+    if i.channel != key.0 || i.rollout_group != key.1 {
+        return (0, 0, 0);
+    }
+    let in_flight = is_in_flight(&i.status)
+        && i.target_version.as_deref() == Some(key.2.as_str())
+        && i.granted_at
+            .is_some_and(|g| g > now - r.policy.in_flight_timeout_secs);
+    let counted_outcome = i.outcome_version.as_deref() == Some(key.2.as_str())
+        && i.outcome_at.is_some_and(|t| t >= r.counts_since);
+    let success = counted_outcome && i.outcome.as_deref() == Some("success");
+    let failure = counted_outcome && i.outcome.as_deref() == Some("failure");
+    (i64::from(in_flight), i64::from(success), i64::from(failure))
+}
+
+impl Batch {
+    async fn release(&mut self, tx: &mut Tx, version: &str) -> Result<Option<ReleaseRow>> {
+        if let Some(r) = self.releases.get(version) {
+            return Ok(r.clone());
+        }
+        let r = Store::release_in(tx, version).await?;
+        self.releases.insert(version.to_string(), r.clone());
+        Ok(r)
+    }
+
+    /// Counts for a rollout and release: the database's, plus this batch's changes.
+    async fn counts(&mut self, tx: &mut Tx, key: &CountKey, now: i64) -> Result<RolloutCounts> {
+        let r = self
+            .rollouts
+            .get(&(key.0.clone(), key.1.clone()))
+            .cloned()
+            .ok_or_else(|| anyhow!("rollout {}/{} vanished", key.0, key.1))?;
+        if !self.db_counts.contains_key(key) {
+            let c =
+                Store::counts(tx, &key.0, &key.1, &key.2, &r.policy, r.counts_since, now).await?;
+            self.db_counts.insert(key.clone(), c);
+        }
+        let base = self.db_counts[key];
+        let (mut fl, mut su, mut fa) = (
+            base.in_flight as i64,
+            base.successes as i64,
+            base.failures as i64,
+        );
+        for (id, cur) in &self.current {
+            let before = contribution(self.original.get(id), key, &r, now);
+            let after = contribution(Some(cur), key, &r, now);
+            fl += after.0 - before.0;
+            su += after.1 - before.1;
+            fa += after.2 - before.2;
+        }
+        let grants = base.grants_in_period
+            + self
+                .new_grants
+                .get(&(key.0.clone(), key.1.clone()))
+                .copied()
+                .unwrap_or(0);
+        Ok(RolloutCounts {
+            grants_in_period: grants,
+            in_flight: fl.max(0) as u64,
+            successes: su.max(0) as u64,
+            failures: fa.max(0) as u64,
+        })
+    }
+
+    async fn halt(
+        &mut self,
+        tx: &mut Tx,
+        channel: &str,
+        group: &str,
+        version: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
+        Store::set_paused(tx, channel, group, Some(reason), true).await?;
+        Store::activity_in(
+            tx,
+            now,
+            "rollout_halted",
+            Some(channel),
+            Some(group),
+            Some(version),
+            reason,
+        )
+        .await?;
+        if let Some(r) = self
+            .rollouts
+            .get_mut(&(channel.to_string(), group.to_string()))
+        {
+            r.paused = true;
+            r.auto_halted = true;
+            r.pause_reason = Some(reason.to_string());
+        }
+        tracing::warn!(channel, group, version, reason, "rollout halted");
+        Ok(())
+    }
+
+    async fn checkin(&mut self, tx: &mut Tx, job: &Job) -> Result<Answer> {
+        let app = &job.app;
+        let now = job.now;
+        let ts = now.timestamp();
+        let mut summary = CheckinSummary {
+            events: app.events.len() as u32,
+            ..CheckinSummary::default()
+        };
+        let channel: String = app
+            .track
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .unwrap_or("stable")
+            .chars()
+            .take(64)
+            .collect();
+        let group: String = app.group_name().unwrap_or("").chars().take(64).collect();
+        let known_channel = self.channels.contains_key(&channel);
+        let rollout_group = if !group.is_empty()
+            && self
+                .rollouts
+                .contains_key(&(channel.clone(), group.clone()))
+        {
+            group.clone()
+        } else {
+            String::new()
+        };
+        let mut inst = self
+            .current
+            .get(&job.machine_id)
+            .cloned()
+            .unwrap_or_else(|| InstanceRow {
+                machine_id: job.machine_id.clone(),
+                app_id: app.app_id.clone(),
+                channel: channel.clone(),
+                group: group.clone(),
+                rollout_group: rollout_group.clone(),
+                version: None,
+                board: None,
+                boot_id: None,
+                status: "idle".to_string(),
+                error_code: None,
+                target_version: None,
+                granted_at: None,
+                outcome: None,
+                outcome_version: None,
+                outcome_at: None,
+                failed_version: None,
+                first_seen: ts,
+                last_seen: ts,
+                checkins: 0,
+            });
+        inst.app_id = app.app_id.clone();
+        inst.channel = channel.clone();
+        inst.group = group.clone();
+        inst.rollout_group = rollout_group.clone();
+        inst.version = app.version.clone().or(inst.version);
+        inst.board = app.board.clone().or(inst.board);
+        inst.boot_id = app.boot_id.clone().or(inst.boot_id);
+        inst.last_seen = ts;
+        inst.checkins += 1;
+        let history = |inst: &InstanceRow, ev: Option<&omaha::Event>| HistoryRow {
+            at: ts,
+            machine_id: inst.machine_id.clone(),
+            channel: inst.channel.clone(),
+            group: inst.group.clone(),
+            version: inst.version.clone(),
+            target_version: inst.target_version.clone(),
+            status: inst.status.clone(),
+            event_type: ev.map(|e| i64::from(e.event_type)),
+            event_result: ev.map(|e| i64::from(e.event_result)),
+            error_code: ev.and_then(|e| e.error_code),
+        };
+
+        // A host that reports the version it was granted has completed the update.
+        if is_in_flight(&inst.status)
+            && inst.target_version.is_some()
+            && inst.target_version == inst.version
+            && app.events.is_empty()
+        {
+            inst.status = "complete".to_string();
+            inst.outcome = Some("success".to_string());
+            inst.outcome_version = inst.target_version.clone();
+            inst.outcome_at = Some(now.timestamp_millis());
+            self.history.push(history(&inst, None));
+        }
+
+        // Events first: they change what the host's status is.
+        let mut failure_versions = Vec::new();
+        for ev in &app.events {
+            apply_event(&mut inst, ev, now.timestamp_millis());
+            if ev.is_failure()
+                && let Some(v) = inst.outcome_version.clone()
+            {
+                failure_versions.push(v);
+            }
+            self.history.push(history(&inst, Some(ev)));
+        }
+        self.current.insert(inst.machine_id.clone(), inst.clone());
+
+        // Automatic halt, judged right when a failure arrives.
+        let rkey = (channel.clone(), rollout_group.clone());
+        if known_channel {
+            for v in failure_versions {
+                let Some(r) = self.rollouts.get(&rkey).cloned() else {
+                    break;
+                };
+                if r.paused {
+                    break;
+                }
+                let key = (channel.clone(), rollout_group.clone(), v.clone());
+                let counts = self.counts(tx, &key, ts).await?;
+                if let Some(reason) = policy::halt_reason(r.policy.halt.as_ref(), &counts) {
+                    self.halt(tx, &channel, &rollout_group, &v, &reason, ts)
+                        .await?;
+                    summary.halted.push(channel.clone());
+                    break;
+                }
+            }
+        }
+
+        if app.update_check.is_none() {
+            return Ok((None, summary));
+        }
+        let ch = self.channels.get(&channel).cloned();
+        let r = self.rollouts.get(&rkey).cloned();
+        let (Some(ch), Some(r)) = (ch, r) else {
+            summary.holds.push("unknown_channel");
+            return Ok((Some(UpdateCheckResponse::NoUpdate), summary));
+        };
+        let update = self
+            .decide_update(
+                tx,
+                app,
+                &mut inst,
+                &ch,
+                &r,
+                &job.codebase,
+                now,
+                &mut summary,
+            )
+            .await?;
+        Ok((Some(update), summary))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_update(
+        &mut self,
+        tx: &mut Tx,
+        app: &AppRequest,
+        inst: &mut InstanceRow,
+        channel: &ChannelRow,
+        r: &RolloutRow,
+        codebase: &str,
+        now: DateTime<Utc>,
+        summary: &mut CheckinSummary,
+    ) -> Result<UpdateCheckResponse> {
+        let ts = now.timestamp();
+        let target = r
+            .policy
+            .pin
+            .clone()
+            .or_else(|| channel.release_version.clone());
+        let Some(target) = target else {
+            summary.holds.push("no_release");
+            return Ok(UpdateCheckResponse::NoUpdate);
+        };
+        let Some(release) = self.release(tx, &target).await? else {
+            summary.holds.push("no_release");
+            return Ok(UpdateCheckResponse::NoUpdate);
+        };
+        if let (Some(want), Some(have)) = (&release.board, &app.board)
+            && want != have
+        {
+            summary.holds.push("wrong_board");
+            return Ok(UpdateCheckResponse::NoUpdate);
+        }
+        let Ok(version) = Version::parse(&release.version) else {
+            summary.holds.push("no_release");
+            return Ok(UpdateCheckResponse::NoUpdate);
+        };
+        let rollout = Rollout {
+            policy: r.policy.clone(),
+            paused: r
+                .paused
+                .then(|| r.pause_reason.clone().unwrap_or_else(|| "paused".into())),
+            started_at: r.started_at,
+        };
+        let host = HostView {
+            machine_id: inst.machine_id.clone(),
+            version: parse_version(inst.version.as_deref()),
+            failed_version: parse_version(inst.failed_version.as_deref()),
+            in_flight_for_target: is_in_flight(&inst.status)
+                && inst.target_version.as_deref() == Some(release.version.as_str())
+                && inst
+                    .granted_at
+                    .is_some_and(|g| g > ts - r.policy.in_flight_timeout_secs),
+        };
+        // Cheap holds first: counts are read only when they can matter.
+        let quick = policy::decide(
+            &rollout,
+            &ReleaseView {
+                version: version.clone(),
+                salt: release.salt.clone(),
+            },
+            &host,
+            &RolloutCounts::default(),
+            now,
+        );
+        let needs_counts = r.policy.halt.is_some()
+            || r.policy.rate_limit.is_some()
+            || r.policy.max_in_flight.is_some();
+        let decision = match quick {
+            Decision::Grant { .. } if needs_counts => {
+                let key = (r.channel.clone(), r.group.clone(), release.version.clone());
+                let counts = self.counts(tx, &key, ts).await?;
+                policy::decide(
+                    &rollout,
+                    &ReleaseView {
+                        version,
+                        salt: release.salt.clone(),
+                    },
+                    &host,
+                    &counts,
+                    now,
+                )
+            }
+            other => other,
+        };
+        match decision {
+            Decision::Grant { renewed, .. } => {
+                summary.granted += 1;
+                let offer = offer_for(&release, codebase);
+                if renewed {
+                    return Ok(UpdateCheckResponse::Ok(offer));
+                }
+                self.grants.push((
+                    inst.machine_id.clone(),
+                    r.channel.clone(),
+                    r.group.clone(),
+                    release.version.clone(),
+                    ts,
+                ));
+                *self
+                    .new_grants
+                    .entry((r.channel.clone(), r.group.clone()))
+                    .or_default() += 1;
+                inst.status = "granted".into();
+                inst.target_version = Some(release.version.clone());
+                inst.granted_at = Some(ts);
+                inst.error_code = None;
+                inst.outcome = None;
+                inst.outcome_version = None;
+                inst.outcome_at = None;
+                self.history.push(HistoryRow {
+                    at: ts,
+                    machine_id: inst.machine_id.clone(),
+                    channel: inst.channel.clone(),
+                    group: inst.group.clone(),
+                    version: inst.version.clone(),
+                    target_version: inst.target_version.clone(),
+                    status: inst.status.clone(),
+                    event_type: None,
+                    event_result: None,
+                    error_code: None,
+                });
+                self.current.insert(inst.machine_id.clone(), inst.clone());
+                Ok(UpdateCheckResponse::Ok(offer))
+            }
+            Decision::Hold(Hold::HaltTriggered(reason)) => {
+                self.halt(tx, &r.channel, &r.group, &release.version, &reason, ts)
+                    .await?;
+                summary.halted.push(r.channel.clone());
+                summary.holds.push("halted");
+                Ok(UpdateCheckResponse::NoUpdate)
+            }
+            Decision::Hold(hold) => {
+                summary.holds.push(hold.label());
+                Ok(UpdateCheckResponse::NoUpdate)
+            }
+        }
+    }
 }
 
 /// Applies one event to the host's record.
@@ -273,135 +679,6 @@ fn apply_event(inst: &mut InstanceRow, ev: &omaha::Event, now_ms: i64) {
         }
         (_, event_result::DEFERRED) => inst.status = "deferred".into(),
         _ => {}
-    }
-}
-
-async fn halt(
-    tx: &mut Tx,
-    channel: &str,
-    group: &str,
-    version: &str,
-    reason: &str,
-    now: i64,
-) -> Result<()> {
-    Store::set_paused(tx, channel, group, Some(reason), true).await?;
-    Store::activity_in(
-        tx,
-        now,
-        "rollout_halted",
-        Some(channel),
-        Some(group),
-        Some(version),
-        reason,
-    )
-    .await?;
-    tracing::warn!(channel, group, version, reason, "rollout halted");
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn decide_update(
-    tx: &mut Tx,
-    app: &AppRequest,
-    inst: &mut InstanceRow,
-    channel: &crate::store::ChannelRow,
-    r: &crate::store::RolloutRow,
-    codebase: &str,
-    now: DateTime<Utc>,
-    summary: &mut CheckinSummary,
-) -> Result<(UpdateCheckResponse, bool)> {
-    let ts = now.timestamp();
-    let target = r
-        .policy
-        .pin
-        .clone()
-        .or_else(|| channel.release_version.clone());
-    let Some(target) = target else {
-        summary.holds.push("no_release");
-        return Ok((UpdateCheckResponse::NoUpdate, false));
-    };
-    let Some(release) = Store::release_in(tx, &target).await? else {
-        summary.holds.push("no_release");
-        return Ok((UpdateCheckResponse::NoUpdate, false));
-    };
-    if let (Some(want), Some(have)) = (&release.board, &app.board)
-        && want != have
-    {
-        summary.holds.push("wrong_board");
-        return Ok((UpdateCheckResponse::NoUpdate, false));
-    }
-    let Ok(version) = Version::parse(&release.version) else {
-        summary.holds.push("no_release");
-        return Ok((UpdateCheckResponse::NoUpdate, false));
-    };
-    let rollout = Rollout {
-        policy: r.policy.clone(),
-        paused: if r.paused {
-            Some(r.pause_reason.clone().unwrap_or_else(|| "paused".into()))
-        } else {
-            None
-        },
-        started_at: r.started_at,
-    };
-    let host = HostView {
-        machine_id: inst.machine_id.clone(),
-        version: parse_version(inst.version.as_deref()),
-        failed_version: parse_version(inst.failed_version.as_deref()),
-        in_flight_for_target: is_in_flight(&inst.status)
-            && inst.target_version.as_deref() == Some(release.version.as_str())
-            && inst
-                .granted_at
-                .is_some_and(|g| g > ts - r.policy.in_flight_timeout_secs),
-    };
-    let counts = Store::counts(
-        tx,
-        &r.channel,
-        &r.group,
-        &release.version,
-        &r.policy,
-        r.counts_since,
-        ts,
-    )
-    .await?;
-    let view = ReleaseView {
-        version,
-        salt: release.salt.clone(),
-    };
-    match policy::decide(&rollout, &view, &host, &counts, now) {
-        Decision::Grant { renewed, .. } => {
-            summary.granted += 1;
-            let offer = offer_for(&release, codebase);
-            if renewed {
-                return Ok((UpdateCheckResponse::Ok(offer), false));
-            }
-            Store::insert_grant(
-                tx,
-                &inst.machine_id,
-                &r.channel,
-                &r.group,
-                &release.version,
-                ts,
-            )
-            .await?;
-            inst.status = "granted".into();
-            inst.target_version = Some(release.version.clone());
-            inst.granted_at = Some(ts);
-            inst.error_code = None;
-            inst.outcome = None;
-            inst.outcome_version = None;
-            inst.outcome_at = None;
-            Ok((UpdateCheckResponse::Ok(offer), true))
-        }
-        Decision::Hold(Hold::HaltTriggered(reason)) => {
-            halt(tx, &r.channel, &r.group, &release.version, &reason, ts).await?;
-            summary.halted.push(r.channel.clone());
-            summary.holds.push("halted");
-            Ok((UpdateCheckResponse::NoUpdate, false))
-        }
-        Decision::Hold(hold) => {
-            summary.holds.push(hold.label());
-            Ok((UpdateCheckResponse::NoUpdate, false))
-        }
     }
 }
 

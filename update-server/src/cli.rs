@@ -29,7 +29,10 @@ pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
         }
         trigger.cancel();
     });
-    server::run(listener, state, shutdown).await
+    let result = server::run(listener, state.clone(), shutdown).await;
+    // Closing the pool lets SQLite checkpoint and remove its WAL.
+    state.store.pool.close().await;
+    result
 }
 
 /// `update-server token create`: prints a new token.

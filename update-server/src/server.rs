@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use twinroot_format::keyring::Keyring;
 use twinroot_format::omaha;
 
-use crate::checkin::{self, OmahaConfig};
+use crate::checkin::{self, Checkins, OmahaConfig};
 use crate::store::Store;
 use crate::{api, metrics, payload, release};
 
@@ -79,6 +79,7 @@ pub struct Counters {
 
 pub struct AppState {
     pub store: Store,
+    pub checkins: Checkins,
     pub config: ServerConfig,
     pub keyring: Option<Keyring>,
     pub omaha: OmahaConfig,
@@ -100,6 +101,7 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
         None => None,
     };
     Ok(Arc::new(AppState {
+        checkins: Checkins::start(store.clone()),
         store,
         omaha: OmahaConfig {
             app_id: config.app_id.clone(),
@@ -189,7 +191,15 @@ async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: B
         }
     };
     let base = codebase(&state, &headers);
-    match checkin::handle(&state.store, &state.omaha, &req, &base, chrono::Utc::now()).await {
+    match checkin::handle(
+        &state.checkins,
+        &state.omaha,
+        &req,
+        &base,
+        chrono::Utc::now(),
+    )
+    .await
+    {
         Ok((resp, summary)) => {
             let c = &state.counters;
             c.grants

@@ -790,6 +790,151 @@ impl Store {
         Ok(())
     }
 
+    /// Bind placeholder number `i` (1-based) for a generated statement: `$i` on PostgreSQL, `?`
+    /// on SQLite, where numbered parameters make binding quadratic in their count.
+    fn placeholder(&self, i: usize) -> String {
+        match self.backend {
+            Backend::Sqlite => "?".to_string(),
+            Backend::Postgres => format!("${i}"),
+        }
+    }
+
+    /// All channels, read inside a transaction.
+    pub async fn channels_in(tx: &mut Tx) -> Result<Vec<ChannelRow>> {
+        let rows = sqlx::query("SELECT * FROM channels ORDER BY position, name")
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChannelRow {
+                    name: r.try_get("name")?,
+                    position: r.try_get("position")?,
+                    release_version: r.try_get("release_version")?,
+                    promoted_at: r.try_get("promoted_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// All rollout rows; on PostgreSQL locked (`FOR UPDATE`, in key order) until the transaction
+    /// ends, so grant decisions of several server processes serialize.
+    pub async fn rollouts_locked(&self, tx: &mut Tx) -> Result<Vec<RolloutRow>> {
+        let sql = match self.backend {
+            Backend::Sqlite => "SELECT * FROM rollouts ORDER BY channel, grp",
+            Backend::Postgres => "SELECT * FROM rollouts ORDER BY channel, grp FOR UPDATE",
+        };
+        let rows = sqlx::query(sql).fetch_all(&mut **tx).await?;
+        rows.iter().map(rollout_from_row).collect()
+    }
+
+    /// The stored records of these machines.
+    pub async fn instances_by_ids(&self, tx: &mut Tx, ids: &[String]) -> Result<Vec<InstanceRow>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders = (1..=chunk.len())
+                .map(|i| self.placeholder(i))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT {INSTANCE_COLUMNS} FROM instances WHERE machine_id IN ({placeholders})"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                out.push(instance_from_row(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inserts or updates many instance records in few statements.
+    pub async fn upsert_instances(&self, tx: &mut Tx, rows: &[&InstanceRow]) -> Result<()> {
+        const COLS: usize = 19;
+        for chunk in rows.chunks(200) {
+            let values = (0..chunk.len())
+                .map(|r| {
+                    let p = (1..=COLS)
+                        .map(|c| self.placeholder(r * COLS + c))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    format!("({p})")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES {values}
+                 ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
+                 rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
+                 status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
+                 granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version, outcome_at = excluded.outcome_at,
+                 failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for i in chunk {
+                q = q
+                    .bind(i.machine_id.clone())
+                    .bind(i.app_id.clone())
+                    .bind(i.channel.clone())
+                    .bind(i.group.clone())
+                    .bind(i.rollout_group.clone())
+                    .bind(i.version.clone())
+                    .bind(i.board.clone())
+                    .bind(i.boot_id.clone())
+                    .bind(i.status.clone())
+                    .bind(i.error_code)
+                    .bind(i.target_version.clone())
+                    .bind(i.granted_at)
+                    .bind(i.outcome.clone())
+                    .bind(i.outcome_version.clone())
+                    .bind(i.outcome_at)
+                    .bind(i.failed_version.clone())
+                    .bind(i.first_seen)
+                    .bind(i.last_seen)
+                    .bind(i.checkins);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends many status history rows in few statements.
+    pub async fn insert_history_many(&self, tx: &mut Tx, rows: &[HistoryRow]) -> Result<()> {
+        const COLS: usize = 10;
+        for chunk in rows.chunks(300) {
+            let values = (0..chunk.len())
+                .map(|r| {
+                    let p = (1..=COLS)
+                        .map(|c| self.placeholder(r * COLS + c))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    format!("({p})")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "INSERT INTO status_history (at, machine_id, channel, grp, version, target_version, status, event_type, event_result, error_code) VALUES {values}"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for h in chunk {
+                q = q
+                    .bind(h.at)
+                    .bind(h.machine_id.clone())
+                    .bind(h.channel.clone())
+                    .bind(h.group.clone())
+                    .bind(h.version.clone())
+                    .bind(h.target_version.clone())
+                    .bind(h.status.clone())
+                    .bind(h.event_type)
+                    .bind(h.event_result)
+                    .bind(h.error_code);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
     pub async fn instances(
         &self,
         channel: Option<&str>,

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Benchmark of the update-server's Omaha endpoint: update checks per second from 10,000 distinct
+# machine ids (every check-in persisted: instance upsert, rollout decision with database counts,
+# commit before the answer) versus a minimal axum handler returning a fixed Omaha response, both
+# driven by wrk on the same machine in the same run. Also reports p50/p99 latency and the SQLite
+# database size per 1,000 hosts. Writes its table into docs/BENCHMARKS.md under "## update-server".
+#
+# Usage: bench/server.sh [SECONDS (default 10)] [CONNECTIONS (default 32)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-10}"
+conns="${2:-32}"
+hosts=10000
+
+cargo build -q --release -p update-server --bin update-server --example omaha_bench
+target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+server="$target_dir/release/update-server"
+fixture="$target_dir/release/examples/omaha_bench"
+
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
+
+# wrk script: an update_engine-shaped request, machine ids cycling through $hosts per thread.
+cat > "$work/checkin.lua" <<LUA
+local threads = {}
+local n = 0
+function setup(thread) thread:set("tid", n); n = n + 1; table.insert(threads, thread) end
+function init(args) counter = tid * 7919 end
+function request()
+  counter = counter + 1
+  local id = string.format("bench-machine-%05d", counter % $hosts)
+  local body = '<?xml version="1.0" encoding="UTF-8"?>\n<request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" installsource="scheduler" ismachine="1">\n <os version="Chateau" platform="CoreOS" sp="1.0.0_x86_64"></os>\n <app appid="{e96281a6-d1af-4bde-9a0a-97b76e56dc57}" version="1.0.0" track="stable" bootid="{b}" oem="" oemversion="" alephversion="1.0.0" machineid="' .. id .. '" machinealias="" lang="en-US" board="amd64-usr" hardware_class="" delta_okay="false">\n  <ping active="1"></ping>\n  <updatecheck></updatecheck>\n </app>\n</request>\n'
+  return wrk.format("POST", "/v1/update/", {["Content-Type"] = "text/xml"}, body)
+end
+LUA
+
+run_wrk() { # URL -> "rps p50 p99"
+  wrk -t2 -c"$conns" -d"${seconds}s" --latency -s "$work/checkin.lua" "$1" > "$work/wrk.out"
+  local rps p50 p99 errs
+  rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.out")
+  p50=$(awk '$1=="50%" {print $2}' "$work/wrk.out")
+  p99=$(awk '$1=="99%" {print $2}' "$work/wrk.out")
+  errs=$(awk '/Non-2xx/ {print $4}' "$work/wrk.out")
+  echo "$rps $p50 $p99 ${errs:-0}"
+}
+
+# Baseline: fixed response.
+bport=$(free_port)
+"$fixture" baseline "127.0.0.1:$bport" & pids+=($!)
+wait_http "http://127.0.0.1:$bport/v1/update/"
+read -r b_rps b_p50 b_p99 b_err < <(run_wrk "http://127.0.0.1:$bport")
+
+# The server: a release on stable at a 5% staged rollout with an automatic-halt rule, so each
+# check-in runs the full decision (cohort bucket plus the outcome counts query).
+"$fixture" bundle "$work" 2.0.0
+data="$work/data"
+token=$("$server" token create --data-dir "$data" --role admin)
+sport=$(free_port)
+RUST_LOG=warn "$server" serve --listen "127.0.0.1:$sport" --data-dir "$data" --keyring "$work/release.keyring" & spid=$!
+pids+=($spid)
+wait_http "http://127.0.0.1:$sport/healthz"
+export TWINROOT_SERVER="http://127.0.0.1:$sport" TWINROOT_TOKEN="$token"
+"$server" release upload "$work/2.0.0.bundle" >/dev/null
+"$server" release promote 2.0.0 --channel stable --force >/dev/null
+"$server" rollout set stable --start-percent 5 --halt-failure-percent 20 --halt-min-reports 10 >/dev/null
+# Warm-up pass registers the 10,000 hosts (first check-in = insert); the measured pass updates them.
+seconds_saved=$seconds; seconds=3; run_wrk "http://127.0.0.1:$sport" >/dev/null; seconds=$seconds_saved
+read -r s_rps s_p50 s_p99 s_err < <(run_wrk "http://127.0.0.1:$sport")
+hosts_seen=$("$server" instances --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+granted=$("$server" instances --json | python3 -c 'import json,sys; print(sum(1 for i in json.load(sys.stdin) if i["status"]=="granted"))')
+kill -TERM "$spid"; wait "$spid" 2>/dev/null || true
+db_bytes=$(du -cb "$data"/server.db* | tail -1 | cut -f1)
+per_1000=$(python3 -c "print(f'{$db_bytes/$hosts_seen*1000/1024:.0f}')")
+ratio=$(python3 -c "print(f'{$s_rps/$b_rps:.2f}')")
+
+table="$(cat <<MD
+| what | requests/s | p50 | p99 | non-2xx |
+| --- | --- | --- | --- | --- |
+| minimal axum handler, fixed Omaha response (baseline) | $b_rps | $b_p50 | $b_p99 | $b_err |
+| update-server \`POST /v1/update/\`, SQLite, 10,000 machine ids | $s_rps | $s_p50 | $s_p99 | $s_err |
+
+Ratio update-server / baseline: **${ratio}x** (target >= 0.5x). Hosts in the database after the run:
+$hosts_seen ($granted granted at 5%); SQLite size (database + WAL after shutdown): $db_bytes bytes,
+**${per_1000} KiB per 1,000 hosts** (instances, grants and status history).
+MD
+)"
+echo "$table"
+
+section="$(cat <<MD
+## update-server
+
+\`bench/server.sh $seconds $conns\` on $(date -u +%Y-%m-%d), $(nproc) CPUs, release build, wrk -t2 -c$conns
+for ${seconds} s per case on the same machine (wrk competes with the server for the 2 cores). Each
+request is an update_engine-shaped update check; machine ids cycle through $hosts distinct values,
+registered by a 3 s warm-up pass before the measured pass. The server answers after committing the
+check-in (instance upsert, rollout decision with its database counts, grant rows for the 5% cohort).
+
+$table
+MD
+)"
+python3 - "$section" <<'PY'
+import re, sys
+section = sys.argv[1].strip() + "\n"
+path = "docs/BENCHMARKS.md"
+text = open(path).read()
+pattern = re.compile(r"^## update-server\n.*?(?=^## |\Z)", re.S | re.M)
+if pattern.search(text):
+    text = pattern.sub(lambda m: section + "\n", text, count=1)
+else:
+    text = text.rstrip() + "\n\n" + section
+open(path, "w").write(text)
+PY
