@@ -857,7 +857,11 @@ pub fn compress_body<R: Read, W: Write>(
         count: 0,
     };
     let mut encoder = zstd::stream::write::Encoder::new(sink, level)?;
-    encoder.window_log(MAX_WINDOW_LOG.min(zstd_window_for_level(level)))?;
+    if level > MAX_LEVEL_WITHIN_WINDOW {
+        // zstd's own window for levels 20-22 is 2^25-2^27: cap it so readers stay within
+        // MAX_WINDOW_LOG. Levels up to 19 use at most 2^23 on their own.
+        encoder.window_log(MAX_WINDOW_LOG)?;
+    }
     encoder.include_checksum(false)?;
     let mut image_hasher = Sha256::new();
     let mut image_size = 0u64;
@@ -888,11 +892,8 @@ pub fn compress_body<R: Read, W: Write>(
     ))
 }
 
-/// zstd's own window log for a level on large inputs is at most 23 up to level 19; for higher
-/// levels we cap it so readers stay within MAX_WINDOW_LOG.
-fn zstd_window_for_level(level: i32) -> u32 {
-    if level >= 17 { 23 } else { 21 }
-}
+/// Highest zstd level whose default window fits in 2^MAX_WINDOW_LOG.
+const MAX_LEVEL_WITHIN_WINDOW: i32 = 19;
 
 /// Encodes the header (prefix, manifest bytes, signatures by every key) of a bundle.
 pub fn encode_header(manifest: &Manifest, keys: &[SigningKey]) -> Result<Vec<u8>, BundleError> {
@@ -1214,6 +1215,19 @@ mod tests {
             matches!(&e, BundleError::Decompress(m) if m.contains("memory")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_level_stays_within_the_window_limit() {
+        let img: Vec<u8> = image().iter().cycle().take(10 << 20).copied().collect();
+        for level in [1, 19, 22] {
+            let mut body = Vec::new();
+            compress_body(&img[..], &mut body, level).unwrap();
+            let mut decoder = new_decoder(&body[..]).unwrap();
+            let mut out = Vec::new();
+            decoder.read_to_end(&mut out).unwrap();
+            assert_eq!(out.len(), img.len(), "level {level}");
+        }
     }
 
     #[test]
