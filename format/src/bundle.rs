@@ -1078,6 +1078,38 @@ mod tests {
     }
 
     #[test]
+    fn no_single_bit_flip_is_accepted() {
+        let img: Vec<u8> = image()[..40_000].to_vec();
+        let mut bytes = Vec::new();
+        let mut scratch = Cursor::new(Vec::new());
+        write_bundle(
+            &img[..],
+            &release(),
+            &[key(1), key(2)],
+            3,
+            &mut scratch,
+            &mut bytes,
+        )
+        .unwrap();
+        let keyring = ring(2, &[1, 2]);
+        assert!(verify(&bytes, &keyring).is_ok());
+        let header_len = read_header_unverified(&mut Cursor::new(&bytes))
+            .unwrap()
+            .header_len() as usize;
+        let positions = (0..header_len).chain((header_len..bytes.len()).step_by(97));
+        for pos in positions {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = bytes.clone();
+                bad[pos] ^= bit;
+                assert!(
+                    verify(&bad, &keyring).is_err(),
+                    "flip {bit:#x} at {pos} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn specific_errors() {
         let (bytes, _) = bundle(&[key(1)]);
         let keyring = ring(1, &[1]);
