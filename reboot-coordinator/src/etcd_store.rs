@@ -341,18 +341,24 @@ impl EtcdStore {
         on_expiry: impl Fn(&str, &str) + Send + Sync,
     ) {
         let mut start_revision = 0i64;
+        let mut backoff = Duration::from_millis(250);
         loop {
+            let before = start_revision;
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = self.watch_expiries_once(&mut start_revision, &on_expiry) => r,
             };
+            if start_revision != before {
+                backoff = Duration::from_millis(250);
+            }
             if let Err(e) = result {
-                tracing::warn!(error = %e, "expiry watch interrupted, retrying");
+                tracing::warn!(error = %e, retry_in = ?backoff, "expiry watch interrupted");
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 

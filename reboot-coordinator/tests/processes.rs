@@ -202,7 +202,7 @@ async fn three_member_cluster_with_a_member_killed_mid_run() {
 async fn admin_commands() {
     let etcd = EtcdCluster::start_single().await;
     let ep = etcd.endpoint(0);
-    let p = CoordinatorProcess::spawn(
+    let mut p = CoordinatorProcess::spawn(
         &etcd.endpoints(),
         &["--group", "web=2", "--lease-seconds", "300"],
     );
@@ -289,6 +289,8 @@ async fn admin_commands() {
         err.contains("invalid reboot window \"Mon 25:00-26:00\""),
         "{err}"
     );
+    // SIGTERM: clean shutdown, exit status 0.
+    assert!(p.terminate(), "serve did not exit cleanly on SIGTERM");
 }
 
 #[tokio::test]

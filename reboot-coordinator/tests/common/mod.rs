@@ -158,6 +158,28 @@ impl CoordinatorProcess {
     }
 }
 
+impl CoordinatorProcess {
+    /// Sends SIGTERM and waits (deadline 20 s) for the process to exit; returns its success.
+    pub fn terminate(&mut self) -> bool {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "serve ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
