@@ -355,6 +355,7 @@ async fn promote(
     )
     .await
     .or_500()?;
+    s.store.config_changed();
     tx.commit().await.map_err(|e| internal(e.into()))?;
     ok_json(
         &serde_json::json!({ "channel": channel.name, "version": version, "forced": body.force }),
@@ -484,6 +485,7 @@ async fn set_rollout(
     )
     .await
     .or_500()?;
+    s.store.config_changed();
     tx.commit().await.map_err(|e| internal(e.into()))?;
     show_rollout(
         State(s),
@@ -574,6 +576,7 @@ async fn set_pause(s: Shared, channel: String, body: PauseBody, paused: bool) ->
     Store::activity_in(&mut tx, now, kind, Some(&channel), Some(&group), None, &msg)
         .await
         .or_500()?;
+    s.store.config_changed();
     tx.commit().await.map_err(|e| internal(e.into()))?;
     show_rollout(
         State(s),

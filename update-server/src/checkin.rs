@@ -111,7 +111,17 @@ impl Checkins {
     }
 }
 
+/// Channels, rollouts and releases as the last batch left them.
+#[derive(Default)]
+struct ConfigCache {
+    generation: Option<u64>,
+    channels: HashMap<String, ChannelRow>,
+    rollouts: BTreeMap<(String, String), RolloutRow>,
+    releases: HashMap<String, Option<ReleaseRow>>,
+}
+
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
+    let mut cache = ConfigCache::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -123,7 +133,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match record_batch(&store, &jobs).await {
+            match record_batch(&store, &jobs, &mut cache).await {
                 // PostgreSQL may abort one of two crossing transactions; try again.
                 Err(e) if attempt < 4 && store.backend == Backend::Postgres => {
                     tracing::debug!(error = %e, "retrying check-in batch");
@@ -142,7 +152,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
                 tracing::warn!(error = %format!("{e:#}"), "check-in batch failed; retrying singly");
                 for job in jobs {
                     let one = std::slice::from_ref(&job);
-                    let r = record_batch(&store, one)
+                    let r = record_batch(&store, one, &mut cache)
                         .await
                         .map(|mut a| a.pop().expect("one answer"));
                     let _ = job.reply.send(r);
@@ -224,10 +234,28 @@ struct Batch {
     grants: Vec<(String, String, String, String, i64)>,
 }
 
-async fn record_batch(store: &Store, jobs: &[Job]) -> Result<Vec<Answer>> {
+async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> Result<Vec<Answer>> {
     let mut tx = store.begin().await?;
-    let channels = Store::channels_in(&mut tx).await?;
-    let rollouts = store.rollouts_locked(&mut tx).await?;
+    // Checked after `begin`: on SQLite the one connection is ours now, so any admin change is
+    // either committed (and its generation bump visible) or not started.
+    let generation = store.config_generation();
+    let fresh = store.backend == Backend::Sqlite && cache.generation == Some(generation);
+    // Until this batch commits, the cache holds nothing reusable.
+    cache.generation = None;
+    if !fresh {
+        cache.channels = Store::channels_in(&mut tx)
+            .await?
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        cache.rollouts = store
+            .rollouts_locked(&mut tx)
+            .await?
+            .into_iter()
+            .map(|r| ((r.channel.clone(), r.group.clone()), r))
+            .collect();
+        cache.releases.clear();
+    }
     let mut ids: Vec<String> = jobs.iter().map(|j| j.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -238,12 +266,9 @@ async fn record_batch(store: &Store, jobs: &[Job]) -> Result<Vec<Answer>> {
         .map(|i| (i.machine_id.clone(), i))
         .collect();
     let mut b = Batch {
-        channels: channels.into_iter().map(|c| (c.name.clone(), c)).collect(),
-        rollouts: rollouts
-            .into_iter()
-            .map(|r| ((r.channel.clone(), r.group.clone()), r))
-            .collect(),
-        releases: HashMap::new(),
+        channels: std::mem::take(&mut cache.channels),
+        rollouts: std::mem::take(&mut cache.rollouts),
+        releases: std::mem::take(&mut cache.releases),
         current: original.clone(),
         original,
         db_counts: HashMap::new(),
@@ -263,6 +288,12 @@ async fn record_batch(store: &Store, jobs: &[Job]) -> Result<Vec<Answer>> {
         Store::insert_grant(&mut tx, machine, channel, group, version, *at).await?;
     }
     tx.commit().await?;
+    // Only a committed batch's view (including automatic halts) may be reused.
+    cache.channels = b.channels;
+    cache.rollouts = b.rollouts;
+    cache.releases = b.releases;
+    cache.releases.retain(|_, r| r.is_some());
+    cache.generation = Some(generation);
     Ok(answers)
 }
 

@@ -9,10 +9,12 @@
 pub mod api;
 pub mod checkin;
 pub mod cli;
+pub mod dashboard;
 pub mod metrics;
 pub mod openapi;
 pub mod payload;
 pub mod policy;
 pub mod release;
+pub mod series;
 pub mod server;
 pub mod store;

@@ -127,6 +127,7 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(metrics::endpoint))
         .route("/healthz", get(|| async { "ok\n" }))
         .nest("/api/v1", api::router(state.clone()))
+        .merge(crate::dashboard::router(state.clone()))
         .with_state(state)
 }
 

@@ -6,6 +6,8 @@
 //! so several server processes sharing one database serialize their grants.
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -31,6 +33,10 @@ pub enum Backend {
 pub struct Store {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// Bumped by every change to channels or rollouts made through this process, inside the
+    /// changing transaction; the check-in writer keeps its copy of them while it is unchanged
+    /// (SQLite only: one process owns a SQLite database; on PostgreSQL it always reads them).
+    config_generation: Arc<AtomicU64>,
 }
 
 pub type Tx = Transaction<'static, Any>;
@@ -136,7 +142,7 @@ CREATE TABLE tokens (
     name TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
-"#];
+"#, crate::series::MIGRATION];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReleaseRow {
@@ -332,7 +338,11 @@ impl Store {
             }
         }
         .with_context(|| format!("cannot open database {}", redact(url)))?;
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            config_generation: Arc::new(AtomicU64::new(0)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -399,6 +409,15 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Marks channels/rollouts as changed (call inside the changing transaction, before commit).
+    pub fn config_changed(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(Ordering::SeqCst)
     }
 
     pub async fn begin(&self) -> Result<Tx> {

@@ -695,3 +695,55 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
     assert!(is_noupdate(&no_machine));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_check_ins_respect_limits_within_a_batch() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    set_policy(
+        &s,
+        "stable",
+        None,
+        json!({"max_in_flight": 4, "halt": {"max_failure_percent": 50, "min_reports": 4}}),
+    )
+    .await;
+    let ask = |ids: Vec<String>, events: Vec<twinroot_format::omaha::Event>| {
+        let mut tasks = Vec::new();
+        for id in ids {
+            let http = s.http.clone();
+            let url = s.url.clone();
+            let events = events.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = omaha_post(&http, &url, &ue_request(&id, "1.0.0", "stable", events)).await;
+                granted(&r).map(|_| id)
+            }));
+        }
+        async move {
+            let mut got = Vec::new();
+            for t in tasks {
+                if let Some(id) = t.await.unwrap() {
+                    got.push(id);
+                }
+            }
+            got
+        }
+    };
+    let first = ask((0..40).map(|i| format!("b{i}")).collect(), vec![]).await;
+    assert_eq!(first.len(), 4, "{first:?}");
+    // All four fail at once: the rollout halts, and nobody else gets the release.
+    let again = ask(first.clone(), vec![ev(3, 0, Some(9))]).await;
+    assert!(again.is_empty());
+    let shown = s.get("/api/v1/rollouts/stable").await;
+    assert_eq!(shown["auto_halted"], true, "{shown}");
+    let halts = s.get("/api/v1/activity").await;
+    let n = halts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "rollout_halted")
+        .count();
+    assert_eq!(n, 1, "exactly one halt entry");
+    let later = ask((40..60).map(|i| format!("b{i}")).collect(), vec![]).await;
+    assert!(later.is_empty());
+    s.stop().await;
+}
