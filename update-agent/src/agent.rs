@@ -76,6 +76,7 @@ impl AgentPolicy {
                 download_retries: s.server.download_retries,
                 retry_base: Duration::from_millis(500),
                 checkpoint_every: s.agent.checkpoint_bytes,
+                readback_from_medium: s.agent.readback_from_medium,
             },
             strategy: s.reboot.strategy,
             windows: s.reboot.windows.clone(),

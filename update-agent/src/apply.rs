@@ -37,6 +37,8 @@ const BODY_CHUNK: usize = 256 * 1024;
 const IMAGE_CHUNK: usize = 1024 * 1024;
 /// Chunks in flight between two stages.
 const QUEUE: usize = 4;
+/// Image bytes handed to the read-back thread at a time.
+const READBACK_SEGMENT: u64 = 32 * 1024 * 1024;
 /// Default image bytes between two persisted checkpoints.
 pub const CHECKPOINT_EVERY: u64 = 32 * 1024 * 1024;
 
@@ -92,6 +94,9 @@ pub struct InstallPolicy {
     pub retry_base: Duration,
     /// Image bytes between two persisted resume checkpoints (taken at zstd frame ends).
     pub checkpoint_every: u64,
+    /// Drop each written range from the page cache before reading it back, so the read-back
+    /// checks the medium itself (costs a full read of the image from the device).
+    pub readback_from_medium: bool,
 }
 
 /// The result of a successful install.
@@ -204,6 +209,7 @@ impl Install<'_> {
     pub fn run(mut self) -> AgentResult<Installed> {
         let desc = self.source.describe();
         let target = self.booted.inactive();
+        let started = std::time::Instant::now();
         let mut state = self.store.load().map_err(state_err)?;
 
         let mut reader = self.source.open_at(0)?;
@@ -289,40 +295,25 @@ impl Install<'_> {
             start_image,
             progress: self.progress,
         };
-        pipeline.run(
+        let readback = ReadBack {
+            reader: self.slots.open_reader(target.name(), manifest.image.size)?,
+            flush: sink
+                .flusher(self.policy.readback_from_medium)
+                .map_err(|e| {
+                    AgentError::new(ErrorKind::Disk, format!("{}: {e}", self.slots.describe()))
+                })?,
+        };
+        let (n, got) = pipeline.run(
             reader,
             &mut *self.source,
             image_hasher,
             &mut *sink,
             &mut checkpoint,
+            readback,
         )?;
-        sink.sync().map_err(|e| {
-            AgentError::new(
-                ErrorKind::Disk,
-                format!(
-                    "{}: cannot sync slot {}: {e}",
-                    self.slots.describe(),
-                    target.name()
-                ),
-            )
-        })?;
         drop(sink);
-
-        // Read back what is on the medium and check it against the signed digest.
-        self.slots.drop_cache(target.name());
-        let mut r = self.slots.open_reader(target.name(), manifest.image.size)?;
-        let mut h = Sha256::new();
-        let n = copy_hash(&mut *r, &mut h).map_err(|e| {
-            AgentError::new(
-                ErrorKind::Disk,
-                format!(
-                    "{}: read-back of slot {} failed: {e}",
-                    self.slots.describe(),
-                    target.name()
-                ),
-            )
-        })?;
-        let got: [u8; 32] = h.finalize().into();
+        // What was read back from the medium (after fsync, with the page cache dropped) must be
+        // the signed image.
         if n != manifest.image.size || got != manifest.image.sha256.0 {
             return Err(AgentError::new(
                 ErrorKind::DigestMismatch,
@@ -336,7 +327,7 @@ impl Install<'_> {
                 ),
             ));
         }
-
+        tracing::debug!(elapsed = ?started.elapsed(), "read back");
         // Only now: make it the next boot.
         let current = self.slots.slots()?;
         let (new, other) =
@@ -426,6 +417,12 @@ pub fn forget_download(state: &mut PersistentState) {
     state.download = None;
 }
 
+/// The read-back side of the slot: a reader from the slot's first byte and a flusher.
+struct ReadBack {
+    reader: Box<dyn Read + Send>,
+    flush: crate::slots::Flusher,
+}
+
 enum ImageMsg {
     Data(Vec<u8>),
     /// A zstd frame ended after this many body bytes (counted from the start of the body).
@@ -450,6 +447,7 @@ enum StageEnd {
 }
 
 impl Pipeline<'_> {
+    /// Runs the stages; returns the byte count and SHA-256 of the slot as read back.
     fn run(
         &self,
         reader: Box<dyn Read + Send>,
@@ -457,25 +455,75 @@ impl Pipeline<'_> {
         image_hasher: Sha256,
         sink: &mut dyn SlotSink,
         checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
-    ) -> AgentResult<()> {
+        readback: ReadBack,
+    ) -> AgentResult<(u64, [u8; 32])> {
         let (body_tx, body_rx) = sync_channel::<Vec<u8>>(QUEUE);
         let (image_tx, image_rx) = sync_channel::<ImageMsg>(QUEUE);
         // Written image buffers go back to the decoder instead of being freed and reallocated.
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(QUEUE + 2);
-        let (r, d, w) = std::thread::scope(|s| {
+        // Ranges of the slot written and ready to be read back, in order.
+        let (written_tx, written_rx) = sync_channel::<(u64, u64)>(1024);
+        let (r, d, w, v) = std::thread::scope(|s| {
             let fetch = s.spawn(move || self.fetch(reader, source, body_tx));
             let decode = s.spawn(move || self.decode(body_rx, image_tx, free_rx));
-            let w = self.write(image_rx, image_hasher, sink, checkpoint, free_tx);
+            let verify = s.spawn(move || self.read_back(readback, written_rx));
+            let w = self.write(
+                image_rx,
+                image_hasher,
+                sink,
+                checkpoint,
+                free_tx,
+                written_tx,
+            );
             (
                 fetch.join().expect("fetch thread"),
                 decode.join().expect("decode thread"),
                 w,
+                verify.join().expect("read-back thread"),
             )
         });
         // The earliest stage's error is the cause; later stages only saw its consequences.
         r?;
         d?;
-        w
+        w?;
+        v
+    }
+
+    /// Stage 4: makes each written range durable, drops it from the page cache and reads it
+    /// back from the medium into a running SHA-256, overlapping with the stream.
+    fn read_back(
+        &self,
+        mut rb: ReadBack,
+        rx: Receiver<(u64, u64)>,
+    ) -> AgentResult<(u64, [u8; 32])> {
+        let err = |e: io::Error| {
+            AgentError::new(
+                ErrorKind::Disk,
+                format!("{}: read-back failed: {e}", self.source_desc),
+            )
+        };
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        let mut buf = vec![0u8; IMAGE_CHUNK];
+        for (offset, len) in rx {
+            debug_assert_eq!(offset, done);
+            (rb.flush)(offset, len).map_err(err)?;
+            let mut left = len;
+            while left > 0 {
+                let want = left.min(IMAGE_CHUNK as u64) as usize;
+                let n = read_full(&mut *rb.reader, &mut buf[..want]).map_err(err)?;
+                if n == 0 {
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("slot ends after {done} bytes"),
+                    )));
+                }
+                hasher.update(&buf[..n]);
+                done += n as u64;
+                left -= n as u64;
+            }
+        }
+        Ok((done, hasher.finalize().into()))
     }
 
     /// Stage 1: reads the body (reopening at the current offset after a failure), hashes it when
@@ -672,10 +720,20 @@ impl Pipeline<'_> {
         sink: &mut dyn SlotSink,
         checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
         free: SyncSender<Vec<u8>>,
+        written: SyncSender<(u64, u64)>,
     ) -> AgentResult<()> {
         let image = self.header.manifest().image;
         let mut pos = self.start_image;
         let mut last_checkpoint = pos;
+        // The read-back covers the whole slot image, including bytes of an earlier attempt.
+        let mut readback_from = 0u64;
+        let hand_over = |upto: u64, from: &mut u64| {
+            if upto > *from {
+                // A closed channel means the read-back thread failed; it reports why.
+                let _ = written.send((*from, upto - *from));
+                *from = upto;
+            }
+        };
         let disk_err =
             |e: io::Error| AgentError::new(ErrorKind::Disk, format!("writing slot: {e}"));
         for msg in rx {
@@ -696,6 +754,9 @@ impl Pipeline<'_> {
                         p.store(pos, Ordering::Relaxed);
                     }
                     let _ = free.try_send(buf);
+                    if pos - readback_from >= READBACK_SEGMENT {
+                        hand_over(pos, &mut readback_from);
+                    }
                 }
                 ImageMsg::FrameEnd(body_offset) => {
                     if pos - last_checkpoint >= self.policy.checkpoint_every {
@@ -716,7 +777,9 @@ impl Pipeline<'_> {
             ));
         }
         let actual: [u8; 32] = hasher.finalize().into();
-        if actual != image.sha256.0 {
+        if actual == image.sha256.0 {
+            hand_over(pos, &mut readback_from);
+        } else {
             return Err(bundle_error(
                 self.source_desc,
                 BundleError::ImageDigest {

@@ -134,6 +134,7 @@ struct RawAgent {
     allow_downgrade: Option<bool>,
     tries: Option<i64>,
     checkpoint_mib: Option<i64>,
+    readback_from_medium: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +211,8 @@ pub struct AgentSettings {
     pub tries: u8,
     /// Image bytes between two persisted download checkpoints.
     pub checkpoint_bytes: u64,
+    /// Read the written slot back from the device, not the page cache.
+    pub readback_from_medium: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -472,6 +475,7 @@ fn validate(raw: RawConfig, o: &Origins) -> Result<Settings, ConfigError> {
         machine_id_path: PathBuf::from(a.machine_id_path.as_deref().unwrap_or("/etc/machine-id")),
         allow_downgrade: a.allow_downgrade.unwrap_or(false),
         tries,
+        readback_from_medium: a.readback_from_medium.unwrap_or(true),
         checkpoint_bytes: match a.checkpoint_mib {
             None => crate::apply::CHECKPOINT_EVERY,
             Some(n @ 1..=65536) => n as u64 * 1024 * 1024,

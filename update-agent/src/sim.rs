@@ -50,3 +50,35 @@ pub fn boot(table: &mut dyn SlotTable) -> AgentResult<Option<SlotName>> {
     }
     Ok(Some(choice.slot))
 }
+
+/// A bundle held in memory, shared between many simulated hosts.
+#[derive(Debug, Clone)]
+pub struct MemorySource {
+    pub name: String,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl crate::apply::BundleSource for MemorySource {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn open_at(&mut self, offset: u64) -> AgentResult<Box<dyn std::io::Read + Send>> {
+        let mut c = std::io::Cursor::new(SharedBytes(self.bytes.clone()));
+        c.set_position(offset.min(self.bytes.len() as u64));
+        Ok(Box::new(c))
+    }
+
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SharedBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}

@@ -44,12 +44,18 @@ impl InactiveSlot {
     }
 }
 
+/// Makes slot bytes `[offset, offset + len)` durable and, when asked to evict, drops them from
+/// the page cache so the read that follows comes from the medium.
+pub type Flusher = Box<dyn FnMut(u64, u64) -> io::Result<()> + Send>;
+
 /// A writer into the inactive slot.
 pub trait SlotSink: Write + Send {
     /// Continue at `offset` bytes into the slot.
     fn seek_to(&mut self, offset: u64) -> io::Result<()>;
     /// Flush everything written so far to stable storage.
     fn sync(&mut self) -> io::Result<()>;
+    /// A handle for the read-back thread (see [`Flusher`]).
+    fn flusher(&self, evict: bool) -> io::Result<Flusher>;
 }
 
 /// The A/B slot table and slot contents.
@@ -63,8 +69,6 @@ pub trait SlotTable: Send {
     fn open_writer(&mut self, slot: InactiveSlot) -> AgentResult<Box<dyn SlotSink>>;
     /// Reads the first `len` bytes of a slot (read-back verification, resume).
     fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>>;
-    /// Drops cached pages of `slot` so a read-back reads the medium (no-op where meaningless).
-    fn drop_cache(&mut self, _slot: SlotName) {}
 }
 
 fn disk_err(e: impl std::fmt::Display) -> AgentError {
@@ -133,27 +137,13 @@ impl SlotTable for GptSlotTable {
         Ok(Box::new(SyncingSink {
             inner: GptSink(writer),
             path: self.path.clone(),
+            slot_offset: disk.slot_extent(slot.name()).offset,
         }))
     }
 
     fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>> {
         let disk = SlotDisk::open(&self.path).map_err(disk_err)?;
         Ok(Box::new(disk.slot_reader(slot, len).map_err(disk_err)?))
-    }
-
-    fn drop_cache(&mut self, slot: SlotName) {
-        let Ok(disk) = SlotDisk::open(&self.path) else {
-            return;
-        };
-        let extent = disk.slot_extent(slot);
-        if let Ok(file) = std::fs::File::open(&self.path) {
-            let _ = nix::fcntl::posix_fadvise(
-                &file,
-                extent.offset as i64,
-                extent.len as i64,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            );
-        }
     }
 }
 
@@ -162,6 +152,8 @@ impl SlotTable for GptSlotTable {
 struct SyncingSink {
     inner: GptSink,
     path: PathBuf,
+    /// Byte offset of the slot on the disk.
+    slot_offset: u64,
 }
 
 impl Write for SyncingSink {
@@ -182,6 +174,24 @@ impl SlotSink for SyncingSink {
     }
     fn sync(&mut self) -> io::Result<()> {
         std::fs::File::open(&self.path)?.sync_data()
+    }
+
+    fn flusher(&self, evict: bool) -> io::Result<Flusher> {
+        let file = std::fs::File::open(&self.path)?;
+        let base = self.slot_offset;
+        Ok(Box::new(move |offset, len| {
+            file.sync_data()?;
+            if !evict {
+                return Ok(());
+            }
+            nix::fcntl::posix_fadvise(
+                &file,
+                (base + offset) as i64,
+                len as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .map_err(io::Error::from)
+        }))
     }
 }
 
@@ -242,6 +252,33 @@ impl SlotSink for MemorySink {
     fn sync(&mut self) -> io::Result<()> {
         Ok(())
     }
+    fn flusher(&self, _evict: bool) -> io::Result<Flusher> {
+        Ok(Box::new(|_, _| Ok(())))
+    }
+}
+
+/// Reads a memory slot as it is at the time of each read.
+struct MemoryReader {
+    data: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for MemoryReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let d = self.data.lock().expect("slot lock");
+        let end = self.len.min(self.pos + buf.len() as u64);
+        if self.pos >= end {
+            return Ok(0);
+        }
+        let n = (end - self.pos) as usize;
+        let start = self.pos as usize;
+        let present = d.len().clamp(start, start + n) - start;
+        buf[..present].copy_from_slice(&d[start..start + present]);
+        buf[present..n].fill(0);
+        self.pos = end;
+        Ok(n)
+    }
 }
 
 impl SlotTable for MemorySlotTable {
@@ -272,9 +309,10 @@ impl SlotTable for MemorySlotTable {
         }))
     }
     fn open_reader(&mut self, slot: SlotName, len: u64) -> AgentResult<Box<dyn Read + Send>> {
-        let d = self.data[slot.index()].lock().expect("slot lock");
-        let mut v = d.clone();
-        v.resize(len as usize, 0);
-        Ok(Box::new(io::Cursor::new(v)))
+        Ok(Box::new(MemoryReader {
+            data: self.data[slot.index()].clone(),
+            pos: 0,
+            len,
+        }))
     }
 }

@@ -4,7 +4,8 @@ mod common;
 
 use common::*;
 use twinroot_format::slot::{SlotAttrs, SlotName, choose_boot};
-use update_agent::apply::{FileSource, Install, InstallPolicy};
+use update_agent::apply::{Install, InstallPolicy};
+use update_agent::sim::MemorySource;
 use update_agent::slots::{BootedSlot, MemorySlotTable, SlotTable};
 use update_agent::state::{FileStateStore, MemoryStateStore, StateStore};
 
@@ -365,20 +366,19 @@ fn the_booted_slot_is_never_opened_for_writing() {
         };
         let mut store = MemoryStateStore::default();
         for (i, version) in ["2.0.0", "1.0.0", "2.0.0"].iter().enumerate() {
-            let path = dir.path().join(format!("{booted}-{i}.tbdl"));
-            std::fs::write(
-                &path,
-                make_bundle(
-                    &BundleSpec {
-                        image: &img,
-                        version,
-                        frame: MIB as usize,
-                        board: None,
-                    },
-                    &keys.signing,
-                ),
-            )
-            .unwrap();
+            let bytes = make_bundle(
+                &BundleSpec {
+                    image: &img,
+                    version,
+                    frame: MIB as usize,
+                    board: None,
+                },
+                &keys.signing,
+            );
+            let mut source = MemorySource {
+                name: format!("memory:{booted}-{i}"),
+                bytes: std::sync::Arc::new(bytes),
+            };
             let policy = InstallPolicy {
                 current_version: "1.5.0".parse().unwrap(),
                 allow_downgrade: false,
@@ -387,12 +387,13 @@ fn the_booted_slot_is_never_opened_for_writing() {
                 download_retries: 0,
                 retry_base: std::time::Duration::from_millis(1),
                 checkpoint_every: MIB,
+                readback_from_medium: true,
             };
             let _ = Install {
                 slots: &mut slots,
                 booted: BootedSlot::new(booted),
                 store: &mut store,
-                source: &mut FileSource { path },
+                source: &mut source,
                 keyring: &keyring,
                 policy: &policy,
                 progress: None,
@@ -447,4 +448,118 @@ fn configuration_errors_name_the_file_and_key_and_exit_non_zero() {
             }
         }
     }
+}
+
+/// A disk whose medium returns one flipped byte: only the read-back can notice.
+struct FlakyMedium(MemorySlotTable);
+
+struct FlipByte<R> {
+    inner: R,
+    pos: u64,
+    at: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for FlipByte<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if (self.pos..self.pos + n as u64).contains(&self.at) {
+            buf[(self.at - self.pos) as usize] ^= 0x01;
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl SlotTable for FlakyMedium {
+    fn describe(&self) -> String {
+        "flaky medium".into()
+    }
+    fn slots(&mut self) -> update_agent::error::AgentResult<[twinroot_format::slot::SlotState; 2]> {
+        self.0.slots()
+    }
+    fn capacity(&mut self, slot: SlotName) -> update_agent::error::AgentResult<u64> {
+        self.0.capacity(slot)
+    }
+    fn set_attrs(
+        &mut self,
+        changes: &[(SlotName, SlotAttrs)],
+    ) -> update_agent::error::AgentResult<()> {
+        self.0.set_attrs(changes)
+    }
+    fn open_writer(
+        &mut self,
+        slot: update_agent::slots::InactiveSlot,
+    ) -> update_agent::error::AgentResult<Box<dyn update_agent::slots::SlotSink>> {
+        self.0.open_writer(slot)
+    }
+    fn open_reader(
+        &mut self,
+        slot: SlotName,
+        len: u64,
+    ) -> update_agent::error::AgentResult<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(FlipByte {
+            inner: self.0.open_reader(slot, len)?,
+            pos: 0,
+            at: 1_234_567,
+        }))
+    }
+}
+
+#[test]
+fn a_slot_that_reads_back_wrong_is_never_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let keyring = twinroot_format::keyring::Keyring::load(&keys.keyring_path).unwrap();
+    let img = image(3 * MIB as usize, 11);
+    let mut source = MemorySource {
+        name: "memory:flaky".into(),
+        bytes: std::sync::Arc::new(make_bundle(
+            &BundleSpec {
+                image: &img,
+                version: "2.0.0",
+                frame: MIB as usize,
+                board: None,
+            },
+            &keys.signing,
+        )),
+    };
+    let mut slots = FlakyMedium(MemorySlotTable::new(4 * MIB));
+    slots.0.attrs[0] = SlotAttrs {
+        priority: 1,
+        tries: 0,
+        successful: true,
+    };
+    let policy = InstallPolicy {
+        current_version: "1.0.0".parse().unwrap(),
+        allow_downgrade: false,
+        board: None,
+        tries: 1,
+        download_retries: 0,
+        retry_base: std::time::Duration::from_millis(1),
+        checkpoint_every: MIB,
+        readback_from_medium: true,
+    };
+    let err = Install {
+        slots: &mut slots,
+        booted: BootedSlot::new(SlotName::A),
+        store: &mut MemoryStateStore::default(),
+        source: &mut source,
+        keyring: &keyring,
+        policy: &policy,
+        progress: None,
+        on_accepted: None,
+    }
+    .run()
+    .unwrap_err();
+    assert_eq!(
+        err.kind,
+        update_agent::error::ErrorKind::DigestMismatch,
+        "{err}"
+    );
+    assert!(err.message.contains("read back as"), "{err}");
+    // What was written is the image; the slot is still never booted.
+    assert_eq!(slots.0.data[1].lock().unwrap()[..img.len()], img[..]);
+    let s = slots.slots().unwrap();
+    assert!(!s[1].attrs.is_bootable());
+    assert_eq!(choose_boot(&s).unwrap().slot, SlotName::A);
 }

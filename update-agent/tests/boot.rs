@@ -132,6 +132,7 @@ impl World {
                 download_retries: 2,
                 retry_base: Duration::from_millis(10),
                 checkpoint_every: MIB,
+                readback_from_medium: true,
             },
             strategy,
             windows: vec![],
