@@ -576,7 +576,7 @@ impl SlotStore for EtcdStore {
             event: "granted".into(),
             group: group.into(),
             id: id.into(),
-            detail: format!("slot {slot}, lease {lease:x} for {lease_seconds}s"),
+            detail: format!("pre-reboot: slot {slot}, lease {lease:x} for {lease_seconds}s"),
         };
         let holder_key = self.holder_key(group, id);
         let slot_key = self.slot_key(group, slot);

@@ -228,7 +228,10 @@ async fn admin_commands() {
     assert!(out.contains("group web: 2 of 2 slots held"), "{out}");
     assert!(out.contains("  web-1  held "), "{out}");
     assert!(out.contains("expires in "), "{out}");
-    assert!(out.contains("granted group=web id=web-2"), "{out}");
+    assert!(
+        out.contains("granted group=web id=web-2 pre-reboot: slot "),
+        "{out}"
+    );
 
     // Operator release frees a slot; releasing again is a no-op.
     let (ok, out, _) = run_cli(&["release", "--etcd", &ep, "--group", "web", "--id", "web-1"]);
