@@ -228,12 +228,32 @@ fn chown_to_postgres(path: &Path) {
     }
 }
 
+/// A PostgreSQL server binary: on PATH, in /usr/local/bin, or in Debian's
+/// /usr/lib/postgresql/VERSION/bin (package `postgresql`).
+fn pg_binary(name: &str) -> std::path::PathBuf {
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/local/bin".into());
+    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<_> = rd.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        dirs.extend(versions.into_iter().rev());
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("PostgreSQL's {name} not found (install Debian package postgresql)")
+        })
+}
+
 impl Postgres {
     async fn start() -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         chown_to_postgres(dir.path());
         let data = dir.path().join("pgdata");
-        let mut initdb = Command::new("/usr/local/bin/initdb");
+        let mut initdb = Command::new(pg_binary("initdb"));
         initdb
             .arg("-D")
             .arg(&data)
@@ -248,7 +268,7 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let mut cmd = Command::new("/usr/local/bin/postgres");
+        let mut cmd = Command::new(pg_binary("postgres"));
         cmd.arg("-D")
             .arg(&data)
             .arg("-p")
