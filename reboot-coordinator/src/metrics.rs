@@ -16,6 +16,14 @@ pub struct Metrics {
     refusals: [AtomicU64; ErrorKind::ALL.len()],
 }
 
+/// Escapes a Prometheus label value (group names come from etcd keys, which anyone with etcd
+/// access can write).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn kind_index(kind: ErrorKind) -> usize {
     ErrorKind::ALL
         .iter()
@@ -130,7 +138,7 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "reboot_coordinator_group_slots{{group=\"{}\"}} {}",
-                    g.group,
+                    label_value(&g.group),
                     g.slots.unwrap_or(default_slots)
                 );
             }
@@ -143,11 +151,44 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "reboot_coordinator_group_holders{{group=\"{}\"}} {}",
-                    g.group,
+                    label_value(&g.group),
                     g.holders.len()
                 );
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_escapes_labels_and_lists_every_kind() {
+        let m = Metrics::default();
+        m.refused(ErrorKind::NoSlotAvailable);
+        Metrics::inc(&m.grants);
+        let groups = [GroupStatus {
+            group: "we\"ird\\".into(),
+            slots: None,
+            holders: vec![],
+        }];
+        let text = m.render(Some(&groups), 3, 7);
+        assert!(
+            text.contains("reboot_coordinator_group_slots{group=\"we\\\"ird\\\\\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("reboot_coordinator_grants_total 1\n"));
+        assert!(text.contains("reboot_coordinator_grant_conflicts_total 7\n"));
+        assert!(text.contains("reboot_coordinator_refusals_total{kind=\"no_slot_available\"} 1\n"));
+        for k in ErrorKind::ALL {
+            assert!(text.contains(&format!(
+                "reboot_coordinator_refusals_total{{kind=\"{k}\"}}"
+            )));
+        }
+        let down = m.render(None, 3, 0);
+        assert!(down.contains("reboot_coordinator_etcd_up 0\n"));
+        assert!(!down.contains("group_slots{"));
     }
 }
