@@ -51,9 +51,13 @@ pub fn router(state: Shared) -> Router<Shared> {
         .route("/api/v1/dashboard/overview", get(overview))
         .route("/api/v1/dashboard/instances", get(instances))
         .route("/api/v1/dashboard/releases/{version}", get(release_view))
+        .route("/api/v1/dashboard/whoami", get(whoami))
         .layer(middleware::from_fn_with_state(state, auth));
     Router::new()
-        .route("/dashboard", get(|| async { Redirect::permanent("/dashboard/") }))
+        .route(
+            "/dashboard",
+            get(|| async { Redirect::permanent("/dashboard/") }),
+        )
         .route("/dashboard/", get(page))
         .route("/dashboard/app.js", get(script))
         .route("/dashboard/app.css", get(style))
@@ -114,6 +118,18 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
     }
 }
 
+/// The role of the caller's token (the pages show write buttons to admins only).
+async fn whoami(State(s): State<Shared>, headers: axum::http::HeaderMap) -> ApiResult {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let role = s.store.token_role(&hash_token(token)).await.or_500()?;
+    Ok(Json(serde_json::json!({ "role": role })).into_response())
+}
+
 // ---- rollout page ------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -122,7 +138,7 @@ struct SeriesQuery {
 }
 
 /// Everything the rollout page and `watch` show for one channel.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 pub struct ChannelView {
     pub channel: String,
     pub release: Option<String>,
@@ -209,16 +225,8 @@ pub async fn build_channel_view(
     let (mut hf, mut hr) = (0, 0);
     if let (Some(r), Some(rel)) = (&rollout, &release) {
         let mut tx = store.begin().await?;
-        let counts = Store::counts(
-            &mut tx,
-            channel,
-            "",
-            rel,
-            &r.policy,
-            r.counts_since,
-            now,
-        )
-        .await?;
+        let counts =
+            Store::counts(&mut tx, channel, "", rel, &r.policy, r.counts_since, now).await?;
         tx.commit().await?;
         hf = counts.failures as i64;
         hr = (counts.failures + counts.successes) as i64;
@@ -231,9 +239,9 @@ pub async fn build_channel_view(
         paused: rollout.as_ref().is_some_and(|r| r.paused),
         pause_reason: rollout.as_ref().and_then(|r| r.pause_reason.clone()),
         auto_halted: rollout.as_ref().is_some_and(|r| r.auto_halted),
-        current_percent: rollout
-            .as_ref()
-            .map_or(0.0, |r| policy::rollout_percent(&r.policy, r.started_at, now)),
+        current_percent: rollout.as_ref().map_or(0.0, |r| {
+            policy::rollout_percent(&r.policy, r.started_at, now)
+        }),
         hosts,
         total_hosts,
         updated_hosts,
@@ -337,7 +345,9 @@ async fn overview(State(s): State<Shared>) -> ApiResult {
             failures,
             successes,
             failure_percent: series::failure_percent(failures, successes),
-            halt_threshold_percent: r.and_then(|r| r.policy.halt.as_ref()).map(|h| h.max_failure_percent),
+            halt_threshold_percent: r
+                .and_then(|r| r.policy.halt.as_ref())
+                .map(|h| h.max_failure_percent),
             name: c.name,
             release,
         });
@@ -395,12 +405,14 @@ async fn instances(State(s): State<Shared>, Query(q): Query<InstanceQuery>) -> A
             .bind(q.status.clone().unwrap_or_default())
             .bind(pattern.clone())
     };
-    let total: i64 = bind(format!("SELECT COUNT(*) AS n FROM instances WHERE {filter}"))
-        .fetch_one(&s.store.pool)
-        .await
-        .or_500()?
-        .try_get("n")
-        .or_500()?;
+    let total: i64 = bind(format!(
+        "SELECT COUNT(*) AS n FROM instances WHERE {filter}"
+    ))
+    .fetch_one(&s.store.pool)
+    .await
+    .or_500()?
+    .try_get("n")
+    .or_500()?;
     let rows = bind(format!(
         "SELECT machine_id, channel, grp, version, status, target_version, error_code, last_seen FROM instances WHERE {filter} ORDER BY machine_id LIMIT $5 OFFSET $6"
     ))

@@ -106,6 +106,17 @@ impl Range {
     }
 }
 
+/// A host seen at a time: from a history row (with its status and outcome version; folded first
+/// at equal times) or from its instance record.
+struct Seen {
+    at: i64,
+    order: u8,
+    machine_id: String,
+    channel: String,
+    version: String,
+    status: Option<(String, String)>,
+}
+
 /// One counter change.
 type Key = (i64, String, i64, &'static str, String);
 
@@ -122,7 +133,13 @@ impl Fold {
         for step in STEPS {
             *self
                 .series
-                .entry((step, channel.to_string(), at - at.rem_euclid(step), kind, k.to_string()))
+                .entry((
+                    step,
+                    channel.to_string(),
+                    at - at.rem_euclid(step),
+                    kind,
+                    k.to_string(),
+                ))
                 .or_default() += v;
         }
         if kind != "status" {
@@ -196,8 +213,7 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         }
     }
     let mut fold = Fold::default();
-    // (at, order, machine, channel, version, status?, target?)
-    let mut events: Vec<(i64, u8, String, String, String, Option<(String, String)>)> = Vec::new();
+    let mut events: Vec<Seen> = Vec::new();
     let hist = sqlx::query(
         "SELECT id, at, machine_id, channel, version, target_version, status FROM status_history WHERE id > $1 ORDER BY id",
     )
@@ -211,14 +227,14 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         let version: Option<String> = r.try_get("version")?;
         let target: Option<String> = r.try_get("target_version")?;
         let outcome_version = target.clone().or(version.clone()).unwrap_or_default();
-        events.push((
-            r.try_get("at")?,
-            0,
-            r.try_get("machine_id")?,
-            r.try_get("channel")?,
-            version.unwrap_or_default(),
-            Some((r.try_get("status")?, outcome_version)),
-        ));
+        events.push(Seen {
+            at: r.try_get("at")?,
+            order: 0,
+            machine_id: r.try_get("machine_id")?,
+            channel: r.try_get("channel")?,
+            version: version.unwrap_or_default(),
+            status: Some((r.try_get("status")?, outcome_version)),
+        });
         folded += 1;
     }
     let inst = sqlx::query(
@@ -231,34 +247,34 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         let at: i64 = r.try_get("last_seen")?;
         seen_cursor = seen_cursor.max(at);
         let version: Option<String> = r.try_get("version")?;
-        events.push((
+        events.push(Seen {
             at,
-            1,
-            r.try_get("machine_id")?,
-            r.try_get("channel")?,
-            version.unwrap_or_default(),
-            None,
-        ));
+            order: 1,
+            machine_id: r.try_get("machine_id")?,
+            channel: r.try_get("channel")?,
+            version: version.unwrap_or_default(),
+            status: None,
+        });
     }
     if events.is_empty() {
         tx.commit().await?;
         return Ok(0);
     }
-    events.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    let mut ids: Vec<String> = events.iter().map(|e| e.2.clone()).collect();
+    events.sort_by_key(|e| (e.at, e.order));
+    let mut ids: Vec<String> = events.iter().map(|e| e.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
     load_hosts(store.backend, &mut tx, &ids, &mut fold.hosts).await?;
-    for (at, _, machine, channel, version, status) in &events {
-        if let Some((status, outcome_version)) = status {
-            fold.add(*at, channel, "status", status, 1);
+    for e in &events {
+        if let Some((status, outcome_version)) = &e.status {
+            fold.add(e.at, &e.channel, "status", status, 1);
             if FAILURE_STATUSES.contains(&status.as_str()) {
-                fold.add(*at, channel, "failure", outcome_version, 1);
+                fold.add(e.at, &e.channel, "failure", outcome_version, 1);
             } else if status == SUCCESS_STATUS {
-                fold.add(*at, channel, "success", outcome_version, 1);
+                fold.add(e.at, &e.channel, "success", outcome_version, 1);
             }
         }
-        fold.host_seen(machine, channel, version, *at);
+        fold.host_seen(&e.machine_id, &e.channel, &e.version, e.at);
     }
     write_fold(store.backend, &mut tx, &fold).await?;
     for (name, v) in [("history", history_cursor), ("instances", seen_cursor)] {
@@ -272,7 +288,9 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         .bind(now - MINUTE_RETENTION_SECS)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await.context("cannot commit dashboard series")?;
+    tx.commit()
+        .await
+        .context("cannot commit dashboard series")?;
     Ok(folded)
 }
 
@@ -296,7 +314,11 @@ async fn load_hosts(
         for r in q.fetch_all(&mut **tx).await? {
             out.insert(
                 r.try_get("machine_id")?,
-                (r.try_get("channel")?, r.try_get("version")?, r.try_get("at")?),
+                (
+                    r.try_get("channel")?,
+                    r.try_get("version")?,
+                    r.try_get("at")?,
+                ),
             );
         }
     }
@@ -392,7 +414,8 @@ pub struct ChannelSeries {
     pub statuses: Lines,
     /// The channel's release (or the pinned one).
     pub release: Option<String>,
-    /// Eligible share of the ramp at the end of each bucket (current policy).
+    /// Eligible share of the ramp at the end of each bucket (current policy; 0 before the
+    /// rollout started).
     pub target_percent: Vec<f64>,
     /// Share of the channel's hosts on the release at the end of each bucket.
     pub actual_percent: Vec<f64>,
@@ -461,10 +484,7 @@ pub async fn channel_series(
         if kind != "version" {
             continue;
         }
-        let deltas = version_deltas
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| vec![0; n]);
+        let deltas = version_deltas.get(k).cloned().unwrap_or_else(|| vec![0; n]);
         let a = after.get(&(kind.clone(), k.clone())).copied().unwrap_or(0);
         let line = gauge_from_deltas(*t, &deltas, a);
         if line.iter().any(|v| *v != 0) {
@@ -485,7 +505,7 @@ pub async fn channel_series(
         .iter()
         .map(|b| match rollout {
             Some((policy, started)) => {
-                let end = (b + step - 1).min(now);
+                let end = (b + step).min(now);
                 if end < started {
                     0.0
                 } else {

@@ -42,7 +42,8 @@ pub struct Store {
 pub type Tx = Transaction<'static, Any>;
 
 /// Schema migrations, applied in order; `{ID}` becomes the backend's auto-increment key.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE releases (
     version TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -142,7 +143,9 @@ CREATE TABLE tokens (
     name TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
-"#, crate::series::MIGRATION];
+"#,
+    crate::series::MIGRATION,
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReleaseRow {
