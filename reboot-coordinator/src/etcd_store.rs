@@ -616,12 +616,22 @@ impl SlotStore for EtcdStore {
         Ok(granted)
     }
 
-    async fn renew(&self, holder: &Holder) -> Result<bool, StoreError> {
+    async fn renew(&self, group: &str, holder: &Holder) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
         let (mut keeper, mut stream) = self.call(c.lease_keep_alive(holder.lease)).await?;
         self.call(keeper.keep_alive()).await?;
         let resp = self.call(stream.message()).await?;
-        Ok(resp.map(|r| r.ttl() > 0).unwrap_or(false))
+        if resp.is_none_or(|r| r.ttl() <= 0) {
+            return Ok(false);
+        }
+        // The lease lives on briefly after a release (it is revoked afterwards): only a holder
+        // key still on this lease means the slot is still held.
+        let key = self.holder_key(group, &holder.id);
+        let resp = self.call(c.get(key, None)).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.lease() == holder.lease))
     }
 
     async fn release(&self, group: &str, id: &str, reason: &str) -> Result<bool, StoreError> {

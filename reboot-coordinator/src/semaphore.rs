@@ -189,8 +189,13 @@ pub trait SlotStore: Send + Sync {
         &self,
         grant: GrantRequest<'_>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Pushes the holder's expiry back to a full lease; `Ok(false)` if it already expired.
-    fn renew(&self, holder: &Holder) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Pushes the holder's expiry back to a full lease; `Ok(false)` if it no longer holds (expired
+    /// or released since the snapshot).
+    fn renew(
+        &self,
+        group: &str,
+        holder: &Holder,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Removes the holder; `Ok(false)` if it held nothing (releasing is idempotent).
     fn release(
         &self,
@@ -286,7 +291,7 @@ impl<S: SlotStore> Semaphore<S> {
             let snapshot = self.store.read_group(group).await?;
             match decide(&snapshot, id, self.config.default_slots, new_grants_open) {
                 Decision::Renew(holder) => {
-                    if self.store.renew(&holder).await? {
+                    if self.store.renew(group, &holder).await? {
                         return Ok(Acquired::Renewed);
                     }
                     // Expired between read and renew: decide again on fresh data.

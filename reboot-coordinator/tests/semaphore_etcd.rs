@@ -55,6 +55,12 @@ async fn grant_refuse_reenter_release() {
     ));
     // Idempotent release.
     assert!(!s.release("g", "b").await.unwrap());
+    // A renewal based on a snapshot taken before a release does not resurrect the slot.
+    assert_eq!(s.acquire("g", "b2", true).await, Ok(Acquired::Granted));
+    let before = s.store().read_group("g").await.unwrap();
+    let stale = before.holder("b2").unwrap().clone();
+    assert!(s.release("g", "b2").await.unwrap());
+    assert!(!s.store().renew("g", &stale).await.unwrap());
     assert_eq!(s.acquire("g", "c", true).await, Ok(Acquired::Granted));
     // Groups are independent; unconfigured groups use the default (1).
     assert_eq!(s.acquire("other", "a", true).await, Ok(Acquired::Granted));
@@ -79,6 +85,8 @@ async fn grant_refuse_reenter_release() {
             "granted a",
             "granted b",
             "released b",
+            "granted b2",
+            "released b2",
             "granted c"
         ]
     );
