@@ -27,11 +27,11 @@ pub fn next_check_delay(s: &ServerSettings, first: bool, failures: u32, unit: f6
         let jitter = s.jitter.min(s.interval);
         return (s.interval - jitter) + (jitter * 2).mul_f64(unit);
     }
-    // Exponential backoff from one minute (or the first-check minimum), up to max_backoff,
-    // with +-10% jitter so a fleet does not retry in lockstep.
-    let base = s.first_check_min.max(Duration::from_secs(60));
+    // Exponential backoff from the first-check minimum (2 min by default) up to max_backoff
+    // (4 h), with +-10% jitter so a fleet does not retry in lockstep.
+    let base = s.first_check_min.max(Duration::from_secs(1));
     let exp = base.saturating_mul(1u32 << (failures - 1).min(20));
-    let capped = exp.min(s.max_backoff.max(base));
+    let capped = exp.min(s.max_backoff.max(Duration::from_secs(1)));
     capped.mul_f64(0.9 + 0.2 * unit)
 }
 
@@ -358,5 +358,30 @@ mod tests {
         let lo = next_check_delay(&s, false, 30, 0.0);
         let hi = next_check_delay(&s, false, 30, 0.999);
         assert!(lo < hi && lo >= Duration::from_secs(12960));
+        // Short test settings (the QEMU images poll every 2 s, back off to 8 s).
+        let mut t = s.clone();
+        t.first_check_min = Duration::from_secs(2);
+        t.max_backoff = Duration::from_secs(8);
+        assert_eq!(next_check_delay(&t, false, 1, 0.5), Duration::from_secs(2));
+        assert_eq!(next_check_delay(&t, false, 5, 0.5), Duration::from_secs(8));
+    }
+
+    #[test]
+    fn the_qemu_image_configuration_is_valid() {
+        // As written by qemu's AgentImageConfig::to_toml for a test image.
+        let s = crate::config::from_fragments(&[(
+            "/usr/lib/twinroot/agent.d/00-image.toml",
+            "[agent]\ndisk = \"/dev/vda\"\nstate_dir = \"/state/twinroot-agent\"\nkeyring = \"/usr/lib/twinroot/keyring.json\"\nmachine_id_path = \"/state/machine-id\"\n\n[server]\nurl = \"http://10.0.2.2:8080/v1/update/\"\ntrack = \"stable\"\nfirst_check_min_secs = 2\nfirst_check_max_secs = 2\ninterval_secs = 2\njitter_secs = 0\nmax_backoff_secs = 8\n\n[checks]\ndir = \"/usr/lib/twinroot/checks\"\nserver_reachable = true\nsystem_not_degraded = false\n\n[reboot]\nstrategy = \"coordinated\"\nmethod = \"syscall\"\nfleetlock_url = \"http://10.0.2.2:8081\"\n\n[dbus]\nbus = \"none\"\n",
+        ), ("/run/twinroot/agent.d/10-booted-slot.toml", "[agent]\nbooted_slot = \"b\"\n")])
+        .unwrap();
+        assert_eq!(
+            s.agent.booted_slot,
+            crate::config::BootedSlotSource::Fixed(twinroot_format::slot::SlotName::B)
+        );
+        assert_eq!(
+            next_check_delay(&s.server, true, 0, 0.3),
+            Duration::from_secs(2)
+        );
+        assert_eq!(s.bus, crate::config::BusChoice::None);
     }
 }
