@@ -1,108 +1,53 @@
-//! Scenario 1 (update), first form: a host on v1 polls the real update-server, installs v2 into
-//! slot B, reboots by itself (reboot strategy `immediate`), boots B, passes its checks, marks B
-//! good, and the server shows the host Complete on v2.
+//! Scenario 1 (update) through the real update-server: a host on v1 polls the server, installs v2
+//! into slot B, reboots by itself, boots B, passes its checks, marks B good, and the server shows
+//! the host Complete on v2. Once with `immediate` reboots, once `coordinated` through the real
+//! reboot-coordinator (FleetLock on etcd), whose activity log must show the host taking the reboot
+//! slot and giving it back.
 //!
-//! Needs the `update-agent` and `update-server` binaries of the same profile (`scripts/test`
-//! builds all binaries first; alone: `cargo build -p update-agent -p update-server`).
+//! Needs the `update-agent`, `update-server` and `reboot-coordinator` binaries of the same profile
+//! (`scripts/test` builds all binaries first).
 
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use twinroot_e2e::{BOOT_TIMEOUT, Lab};
+use anyhow::{Result, bail};
+use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer};
 use twinroot_format::slot::SlotName;
-use twinroot_qemu::harness::{
-    GOOD, Host, Service, ServiceConfig, SigningSetup, free_port, guest_url, workspace_binary,
-};
+use twinroot_qemu::harness::{GOOD, Host, HostDisk, SigningSetup, guest_url, workspace_binary};
 use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
 
-/// Runs `update-server ARGS` and returns its stdout.
-fn server_cli(args: &[&str]) -> Result<String> {
-    let out = Command::new(workspace_binary("update-server")?)
-        .args(args)
-        .output()
-        .context("running update-server")?;
-    if !out.status.success() {
-        bail!(
-            "update-server {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
+fn image(
+    lab: &Lab,
+    keys: &SigningSetup,
+    agent: &AgentImageConfig,
+    version: &str,
+) -> Result<PathBuf> {
+    let mut spec = lab.kit.rootfs(version);
+    spec.include_kernel = false;
+    spec.keyring = Some(std::fs::read(&keys.keyring)?);
+    spec.agent = Some(AgentSpec {
+        binary: workspace_binary("update-agent")?,
+        args: vec!["daemon".into()],
+        config: agent.to_toml(),
+    });
+    lab.kit.image(&format!("v{version}"), &spec)
 }
 
-#[test]
-fn host_updates_from_the_server_and_reboots_into_v2() -> Result<()> {
-    let lab = Lab::new(SELECTOR)?;
-    let keys = SigningSetup::generate(lab.path())?;
-    let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
-    let data = lab.path().join("server");
-    std::fs::create_dir_all(&data)?;
-
-    let mut server = Service::start(ServiceConfig {
-        name: "update-server".into(),
-        program: workspace_binary("update-server")?,
-        args: vec![
-            "serve".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--keyring".into(),
-            keys.keyring.display().to_string(),
-        ],
-        env: Vec::new(),
-        log: lab.path().join("server.log"),
-    })?;
-    server.wait_port(port, Duration::from_secs(60))?;
-    let token = server_cli(&[
-        "token",
-        "create",
-        "--data-dir",
-        &data.display().to_string(),
-        "--role",
-        "admin",
-    ])?;
-    let token = token.trim();
-
-    let mut agent = AgentImageConfig::new(&guest_url(port, "/v1/update/"), "stable");
-    agent.poll_secs = 2;
-    let image = |version: &str| -> Result<std::path::PathBuf> {
-        let mut spec = lab.kit.rootfs(version);
-        spec.include_kernel = false;
-        spec.keyring = Some(std::fs::read(&keys.keyring)?);
-        spec.agent = Some(AgentSpec {
-            binary: workspace_binary("update-agent")?,
-            args: vec!["daemon".into()],
-            config: agent.to_toml(),
-        });
-        lab.kit.image(&format!("v{version}"), &spec)
-    };
-    let v1 = image("1.0.0")?;
-    let v2 = image("2.0.0")?;
+/// Publishes v2, boots a v1 host and waits until it is Complete on v2; returns the disk.
+fn update_v1_to_v2(
+    lab: &Lab,
+    agent: &AgentImageConfig,
+    keys: &SigningSetup,
+    server: &UpdateServer,
+) -> Result<HostDisk> {
+    let v1 = image(lab, keys, agent, "1.0.0")?;
+    let v2 = image(lab, keys, agent, "2.0.0")?;
     let bundle = lab.path().join("v2.bundle");
     keys.bundle(&v2, "2.0.0", &bundle)?;
-    let conn = ["--server", &base, "--token", token];
-    server_cli(
-        &[
-            &["release", "upload"][..],
-            &conn,
-            &[&bundle.display().to_string()],
-        ]
-        .concat(),
-    )?;
-    server_cli(
-        &[
-            &["release", "promote"][..],
-            &conn,
-            &["2.0.0", "--channel", "stable", "--force"],
-        ]
-        .concat(),
-    )?;
+    server.upload(&bundle)?;
+    server.promote("2.0.0", &agent.track)?;
 
     let disk = lab.kit.disk("host")?;
     disk.write_slot(SlotName::A, &v1)?;
@@ -112,34 +57,33 @@ fn host_updates_from_the_server_and_reboots_into_v2() -> Result<()> {
     host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
     host.wait_for("twinroot-boot: booting slot b from /dev/vda4", BOOT_TIMEOUT)?;
     host.wait_for("twinroot: booted version 2.0.0 slot b", BOOT_TIMEOUT)?;
-    let updated = started.elapsed();
+    let rebooted = started.elapsed();
 
     // The server sees the host Complete on 2.0.0 once the agent reported its good boot.
     let deadline = Instant::now() + BOOT_TIMEOUT;
-    let instance = loop {
-        let list: serde_json::Value = serde_json::from_str(&server_cli(
-            &[&["instances"][..], &conn, &["--json"]].concat(),
-        )?)?;
-        let first = list.as_array().and_then(|a| a.first()).cloned();
-        if let Some(i) = &first
-            && i["version"] == "2.0.0"
-            && i["status"]
-                .as_str()
-                .is_some_and(|s| s.eq_ignore_ascii_case("complete"))
-        {
-            break i.clone();
+    loop {
+        let list = server.instances()?;
+        let complete = list.as_array().and_then(|a| a.first()).is_some_and(|i| {
+            i["version"] == "2.0.0"
+                && i["channel"] == agent.track.as_str()
+                && i["status"]
+                    .as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("complete"))
+        });
+        if complete {
+            break;
         }
         if Instant::now() >= deadline {
             bail!(
                 "server never showed the host Complete on 2.0.0: {list}\nserver log:\n{}",
-                server.log_text()
+                server.service.log_text()
             );
         }
         std::thread::sleep(Duration::from_millis(500));
-    };
+    }
     eprintln!(
-        "v1 -> v2 through the server: rebooted into v2 after {:.1} s, Complete after {:.1} s",
-        updated.as_secs_f64(),
+        "v1 -> v2 through the server: booted v2 after {:.1} s, Complete after {:.1} s",
+        rebooted.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     host.stop()?;
@@ -149,6 +93,54 @@ fn host_updates_from_the_server_and_reboots_into_v2() -> Result<()> {
         "slot b: {}",
         slots[1]
     );
-    assert_eq!(instance["channel"], "stable");
+    Ok(disk)
+}
+
+#[test]
+fn host_updates_from_the_server_and_reboots_into_v2() -> Result<()> {
+    let lab = Lab::new(SELECTOR)?;
+    let keys = SigningSetup::generate(lab.path())?;
+    let server = UpdateServer::start(&lab, &keys.keyring)?;
+    let agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
+    update_v1_to_v2(&lab, &agent, &keys, &server)?;
+    Ok(())
+}
+
+#[test]
+fn coordinated_update_takes_and_releases_the_reboot_slot() -> Result<()> {
+    let lab = Lab::new(SELECTOR)?;
+    let keys = SigningSetup::generate(lab.path())?;
+    let server = UpdateServer::start(&lab, &keys.keyring)?;
+    let coordinator = Coordinator::start(&lab, 1)?;
+    let mut agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "beta");
+    agent.reboot_strategy = "coordinated".into();
+    agent.fleetlock_url = Some(guest_url(coordinator.port, ""));
+    update_v1_to_v2(&lab, &agent, &keys, &server)?;
+
+    // The slot was taken before the reboot and given back once v2 passed its checks: the
+    // activity log shows both for the same host, and nobody holds a slot any more.
+    let status = coordinator.status()?;
+    let events: Vec<(u64, &str, &str)> = status
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let at = w.next()?.parse().ok()?;
+            let event = w.next()?;
+            let id = l.split_whitespace().find_map(|x| x.strip_prefix("id="))?;
+            Some((at, event, id))
+        })
+        .collect();
+    let granted = events.iter().find(|e| e.1 == "granted");
+    let released = events.iter().find(|e| e.1 == "released");
+    match (granted, released) {
+        (Some(g), Some(r)) if g.2 == r.2 && g.0 <= r.0 => {}
+        _ => bail!("coordinator activity lacks granted then released for one host:\n{status}"),
+    }
+    assert!(
+        !status
+            .lines()
+            .any(|l| l.contains("slots held") && !l.contains(": 0 of")),
+        "a reboot slot is still held:\n{status}"
+    );
     Ok(())
 }
