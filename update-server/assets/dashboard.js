@@ -69,10 +69,11 @@ function axisLabel(t, step) {
 
 function frame(buckets, step, ymax, yfmt) {
   let s = "";
-  for (let i = 0; i <= 4; i++) {
-    const y = PT + (H - PT - PB) * (1 - i / 4);
+  const ticks = ymax <= 5 && Number.isInteger(ymax) ? Math.max(1, ymax) : (ymax % 4 === 0 && ymax % 5 !== 0 ? 4 : 5);
+  for (let i = 0; i <= ticks; i++) {
+    const y = PT + (H - PT - PB) * (1 - i / ticks);
     s += `<line x1="${PL}" x2="${W - PR}" y1="${y}" y2="${y}" stroke="#eceff2"/>`;
-    s += `<text x="${PL - 4}" y="${y + 3}" text-anchor="end">${esc(yfmt(ymax * i / 4))}</text>`;
+    s += `<text x="${PL - 4}" y="${y + 3}" text-anchor="end">${esc(yfmt(ymax * i / ticks))}</text>`;
   }
   const n = buckets.length, every = Math.max(1, Math.ceil(n / 8));
   for (let i = 0; i < n; i += every) {

@@ -238,19 +238,22 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         folded += 1;
     }
     let inst = sqlx::query(
-        "SELECT machine_id, channel, version, last_seen FROM instances WHERE last_seen >= $1",
+        "SELECT machine_id, channel, version, first_seen, last_seen FROM instances WHERE last_seen >= $1",
     )
     .bind(seen_cursor - INSTANCE_OVERLAP_SECS)
     .fetch_all(&mut *tx)
     .await?;
+    let mut first_seen = HashMap::new();
     for r in &inst {
         let at: i64 = r.try_get("last_seen")?;
         seen_cursor = seen_cursor.max(at);
         let version: Option<String> = r.try_get("version")?;
+        let machine_id: String = r.try_get("machine_id")?;
+        first_seen.insert(machine_id.clone(), r.try_get::<i64, _>("first_seen")?);
         events.push(Seen {
             at,
             order: 1,
-            machine_id: r.try_get("machine_id")?,
+            machine_id,
             channel: r.try_get("channel")?,
             version: version.unwrap_or_default(),
             status: None,
@@ -265,6 +268,31 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
     ids.sort();
     ids.dedup();
     load_hosts(store.backend, &mut tx, &ids, &mut fold.hosts).await?;
+    // A host new to the series counts from its first check-in, on the version of its earliest
+    // history entry here (or its current one): check-ins without news write no history.
+    let mut appear: HashMap<String, Seen> = HashMap::new();
+    for e in &events {
+        if fold.hosts.contains_key(&e.machine_id) || appear.contains_key(&e.machine_id) {
+            continue;
+        }
+        if let Some(t) = first_seen.get(&e.machine_id) {
+            appear.insert(
+                e.machine_id.clone(),
+                Seen {
+                    at: (*t).min(e.at),
+                    order: 0,
+                    machine_id: e.machine_id.clone(),
+                    channel: e.channel.clone(),
+                    version: e.version.clone(),
+                    status: None,
+                },
+            );
+        }
+    }
+    if !appear.is_empty() {
+        events.extend(appear.into_values());
+        events.sort_by_key(|e| (e.at, e.order));
+    }
     for e in &events {
         if let Some((status, outcome_version)) = &e.status {
             fold.add(e.at, &e.channel, "status", status, 1);
