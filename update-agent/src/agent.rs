@@ -348,6 +348,10 @@ impl Agent {
             self.save(&s)?;
             self.machine.boot_good().ok();
             self.publish();
+            // Give the reboot slot back first, so that once the server sees this host complete
+            // the fleet can already move on (a failed release is retried later).
+            let mut s = self.state()?;
+            self.release_lock(&mut s);
             self.report(PendingEvent {
                 event_type: event_type::UPDATE_COMPLETE,
                 result: event_result::SUCCESS_REBOOT,
@@ -355,8 +359,6 @@ impl Agent {
                 previous_version: previous,
                 detail: format!("booted {version} on slot {booted}, checks passed"),
             })?;
-            let mut s = self.state()?;
-            self.release_lock(&mut s);
             return Ok(BootOutcome::MarkedGood { version });
         }
 
