@@ -577,6 +577,17 @@ impl Batch {
             summary.holds.push("wrong_board");
             return Ok(UpdateCheckResponse::NoUpdate);
         }
+        // The host may ask to stay within a version prefix (`targetversionprefix="1.2."`).
+        if let Some(prefix) = app
+            .update_check
+            .as_ref()
+            .and_then(|u| u.target_version_prefix.as_deref())
+            .filter(|p| !p.is_empty())
+            && !release.version.starts_with(prefix)
+        {
+            summary.holds.push("target_version_prefix");
+            return Ok(UpdateCheckResponse::NoUpdate);
+        }
         let Ok(version) = Version::parse(&release.version) else {
             summary.holds.push("no_release");
             return Ok(UpdateCheckResponse::NoUpdate);

@@ -140,6 +140,12 @@ fn s(v: &Value, key: &str) -> String {
     match v.get(key) {
         None | Some(Value::Null) => "-".to_string(),
         Some(Value::String(x)) => x.clone(),
+        Some(Value::Array(a)) if a.is_empty() => "-".to_string(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(","),
         Some(other) => other.to_string(),
     }
 }

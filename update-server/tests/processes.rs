@@ -413,3 +413,141 @@ async fn postgres_several_servers_agree() {
     a.terminate();
     b.terminate();
 }
+
+/// Runs the binary's client subcommands; returns stdout, panics with stderr on failure.
+fn cli(url: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .args(args)
+        .env("TWINROOT_SERVER", url)
+        .env("TWINROOT_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "update-server {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cli_fails(url: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .args(args)
+        .env("TWINROOT_SERVER", url)
+        .env("TWINROOT_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "update-server {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[tokio::test]
+async fn cli_subcommands_drive_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let signer = signer(dir.path(), "k");
+    let token = create_token(&data, None, "admin");
+    let viewer = create_token(&data, None, "viewer");
+    let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
+    p.wait_ready().await;
+    let file = dir.path().join("5.0.0.bundle");
+    std::fs::write(&file, bundle(&signer, "5.0.0")).unwrap();
+    let url = p.url.clone();
+    let file_s = file.to_str().unwrap().to_string();
+    let (url2, token2, viewer2) = (url.clone(), token.clone(), viewer.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let (url, token, viewer) = (url2, token2, viewer2);
+        let mut out = String::new();
+        out += &cli(&url, &token, &["release", "upload", &file_s]);
+        out += &cli(&url, &token, &["release", "list"]);
+        out += &cli(
+            &url,
+            &token,
+            &["release", "promote", "5.0.0", "--channel", "alpha"],
+        );
+        out += &cli(&url, &token, &["release", "list"]);
+        let err = cli_fails(
+            &url,
+            &token,
+            &["release", "promote", "5.0.0", "--channel", "stable"],
+        );
+        assert!(err.contains("409") && err.contains("beta"), "{err}");
+        out += &cli(
+            &url,
+            &token,
+            &[
+                "release",
+                "promote",
+                "5.0.0",
+                "--channel",
+                "stable",
+                "--force",
+            ],
+        );
+        out += &cli(
+            &url,
+            &token,
+            &[
+                "rollout",
+                "set",
+                "stable",
+                "--start-percent",
+                "25",
+                "--steps",
+                "3600:50,7200:100",
+                "--max-in-flight",
+                "10",
+                "--window",
+                "mon,tue@02:00+120@Europe/Berlin",
+                "--halt-failure-percent",
+                "10",
+                "--halt-min-reports",
+                "5",
+            ],
+        );
+        out += &cli(
+            &url,
+            &token,
+            &["rollout", "pause", "stable", "--reason", "cli test"],
+        );
+        out += &cli(&url, &token, &["rollout", "show", "stable"]);
+        out += &cli(&url, &token, &["rollout", "resume", "stable"]);
+        let err = cli_fails(&url, &viewer, &["rollout", "pause", "stable"]);
+        assert!(err.contains("403"), "{err}");
+        let err = cli_fails(
+            &url,
+            &token,
+            &["rollout", "set", "stable", "--window", "someday"],
+        );
+        assert!(err.contains("someday"), "{err}");
+        out += &cli(&url, &viewer, &["activity"]);
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("release 5.0.0 stored"), "{out}");
+    assert!(out.contains("5.0.0    -"), "{out}");
+    assert!(out.contains("5.0.0    alpha"), "{out}");
+    assert!(out.contains("PAUSED (cli test)"), "{out}");
+    assert!(out.contains("\"max_in_flight\":10"), "{out}");
+    assert!(out.contains("release_promoted"), "{out}");
+    omaha_post(
+        &reqwest::Client::new(),
+        &url,
+        &ue_request("cli-host", "1.0.0", "stable", vec![]),
+    )
+    .await;
+    let (url3, token3) = (url.clone(), token.clone());
+    let listed = tokio::task::spawn_blocking(move || {
+        (
+            cli(&url3, &token3, &["instances", "--channel", "stable"]),
+            cli(&url3, &token3, &["instances", "--json"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(listed.0.contains("cli-host"), "{}", listed.0);
+    let v: Value = serde_json::from_str(&listed.1).unwrap();
+    assert_eq!(v[0]["machine_id"], "cli-host");
+    p.terminate();
+}

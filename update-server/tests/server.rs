@@ -152,6 +152,17 @@ async fn several_apps_unknown_apps_and_configurable_app_id() {
     assert_eq!(r.apps.len(), 2);
     assert!(granted(&r).is_some());
     assert_eq!(r.apps[1].status, "error-unknownApplication");
+    // targetversionprefix keeps a host within a release line.
+    let mut pinned = ue_request("m3", "1.0.0", "stable", vec![]);
+    pinned.apps[0].app_id = "{our-app}".into();
+    pinned.apps[0].update_check = Some(omaha::UpdateCheck {
+        target_version_prefix: Some("1.".into()),
+    });
+    assert!(is_noupdate(&s.omaha(&pinned).await));
+    pinned.apps[0].update_check = Some(omaha::UpdateCheck {
+        target_version_prefix: Some("2.0".into()),
+    });
+    assert!(granted(&s.omaha(&pinned).await).is_some());
     // Raw update_engine bytes, with attributes we do not know.
     let raw = r#"<?xml version="1.0" encoding="UTF-8"?>
 <request protocol="3.0" version="update_engine-0.4.10" updaterversion="update_engine-0.4.10" installsource="ondemandupdate" ismachine="1">
