@@ -1,7 +1,7 @@
 //! One function per subcommand; `main.rs` only parses the command line.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -447,9 +447,4 @@ pub async fn activity(c: &Client, limit: i64, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Data directory default for a path argument.
-pub fn data_dir(p: &Path) -> PathBuf {
-    p.to_path_buf()
 }

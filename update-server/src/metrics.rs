@@ -144,5 +144,11 @@ async fn render(s: &AppState) -> Result<String> {
             v.load(Ordering::Relaxed)
         );
     }
+    out.push_str("# HELP twinroot_holds_total Update checks answered noupdate by this process, by reason.\n# TYPE twinroot_holds_total counter\n");
+    if let Ok(holds) = c.holds.lock() {
+        for (reason, n) in holds.iter() {
+            let _ = writeln!(out, "twinroot_holds_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
     Ok(out)
 }

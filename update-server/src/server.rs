@@ -75,6 +75,8 @@ pub struct Counters {
     pub events: AtomicU64,
     pub bad_requests: AtomicU64,
     pub halts: AtomicU64,
+    /// Update checks answered `noupdate`, by reason.
+    pub holds: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 pub struct AppState {
@@ -209,6 +211,13 @@ async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: B
                 .fetch_add(u64::from(summary.events), Ordering::Relaxed);
             c.halts
                 .fetch_add(summary.halted.len() as u64, Ordering::Relaxed);
+            if !summary.holds.is_empty()
+                && let Ok(mut holds) = c.holds.lock()
+            {
+                for h in &summary.holds {
+                    *holds.entry(h).or_default() += 1;
+                }
+            }
             xml_response(StatusCode::OK, resp.to_xml())
         }
         Err(e) => {

@@ -526,6 +526,14 @@ async fn failures_halt_the_rollout_until_resumed() {
         "{metrics}"
     );
     assert!(metrics.contains("twinroot_hosts{channel=\"stable\""));
+    assert!(
+        metrics.contains("twinroot_holds_total{reason=\"paused\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twinroot_holds_total{reason=\"quarantined\"} 2"),
+        "{metrics}"
+    );
     // The operator resumes: rolling again, judged on outcomes from here on.
     s.post("/api/v1/rollouts/stable/resume", json!({})).await;
     assert!(granted(&s.omaha(&ue_request("h9", "1.0.0", "stable", vec![])).await).is_some());
