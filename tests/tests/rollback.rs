@@ -1,0 +1,91 @@
+//! Scenario 3 (broken boot) through the real update-server: v4's init crashes (kernel panic).
+//! The host on v1 installs v4 into B and reboots; B panics, its single try is spent, the kernel
+//! reboots and the boot selector comes back to A by itself. The agent on v1 sees the rollback,
+//! marks B unbootable, quarantines 4.0.0, reports the rollback (Omaha error code 44) to the
+//! server, and never installs 4.0.0 again.
+//!
+//! Needs the `update-agent` and `update-server` binaries of the same profile.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer};
+use twinroot_format::slot::{SlotAttrs, SlotName};
+use twinroot_qemu::harness::{GOOD, Host, SigningSetup, guest_url, workspace_binary};
+use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, InitBehaviour, PANIC_LINE};
+
+const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
+
+#[test]
+fn broken_release_panics_and_the_host_comes_back_on_its_own() -> Result<()> {
+    let lab = Lab::new(SELECTOR)?;
+    let keys = SigningSetup::generate(lab.path())?;
+    let server = UpdateServer::start(&lab, &keys.keyring)?;
+    let agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
+
+    let mut v1 = lab.kit.rootfs("1.0.0");
+    v1.include_kernel = false;
+    v1.keyring = Some(std::fs::read(&keys.keyring)?);
+    v1.agent = Some(AgentSpec {
+        binary: workspace_binary("update-agent")?,
+        args: vec!["daemon".into()],
+        config: agent.to_toml(),
+    });
+    let v1 = lab.kit.image("v1", &v1)?;
+    let mut v4 = lab.kit.rootfs("4.0.0");
+    v4.include_kernel = false;
+    v4.init = InitBehaviour::Panic;
+    let v4 = lab.kit.image("v4", &v4)?;
+    let bundle = lab.path().join("v4.bundle");
+    keys.bundle(&v4, "4.0.0", &bundle)?;
+    server.upload(&bundle)?;
+    server.promote("4.0.0", "stable")?;
+
+    let disk = lab.kit.disk("host")?;
+    disk.write_slot(SlotName::A, &v1)?;
+    disk.set_attrs(SlotName::A, GOOD)?;
+    let started = Instant::now();
+    let mut host = Host::start(lab.kit.host("host", &disk))?;
+    host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
+    host.wait_for("update staged version=4.0.0", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot-boot: slot b tries 1 -> 0 written", BOOT_TIMEOUT)?;
+    host.wait_for(PANIC_LINE, BOOT_TIMEOUT)?;
+    host.wait_for("Kernel panic", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot-boot: booting slot a from /dev/vda3", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
+    host.wait_for("rolled back", BOOT_TIMEOUT)?;
+    let back = started.elapsed();
+    // Update checks go on after the rollback; 4.0.0 is not installed again (the server stops
+    // offering it to this host, and the agent has quarantined it anyway).
+    host.wait_for("update check outcome=", BOOT_TIMEOUT)?;
+
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let instance = loop {
+        let list = server.instances()?;
+        let first = list.as_array().and_then(|a| a.first()).cloned();
+        if let Some(i) = first
+            && i["error_code"].as_i64() == Some(44)
+        {
+            break i;
+        }
+        if Instant::now() >= deadline {
+            bail!("server never recorded the rollback (error code 44): {list}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "v4 panicked, back on v1 after {:.1} s; server instance: {instance}",
+        back.as_secs_f64()
+    );
+    assert_eq!(instance["version"], "1.0.0");
+    assert_eq!(instance["status"], "rolled_back");
+    assert_eq!(instance["failed_version"], "4.0.0");
+    assert_eq!(
+        host.count("update staged version=4.0.0"),
+        1,
+        "installed v4 twice"
+    );
+    host.stop()?;
+    assert_eq!(disk.slots()?[1].attrs, SlotAttrs::UNBOOTABLE);
+    Ok(())
+}
