@@ -18,3 +18,4 @@ pub mod release;
 pub mod series;
 pub mod server;
 pub mod store;
+pub mod watch;

@@ -59,6 +59,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch a channel's rollout live in the terminal (q or Ctrl-C to quit).
+    Watch {
+        #[command(flatten)]
+        conn: Conn,
+        channel: String,
+        /// Time range of the report counts: hour, day, week or 30d.
+        #[arg(long, default_value = "hour")]
+        range: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+    },
 }
 
 #[derive(Args)]
@@ -335,6 +347,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Activity { conn, limit, json } => {
             cli::activity(&conn.client()?, limit, json).await
+        }
+        Command::Watch {
+            conn,
+            channel,
+            range,
+            interval,
+        } => {
+            conn.client()?;
+            update_server::watch::run(update_server::watch::WatchConfig {
+                server: conn.server,
+                token: conn.token,
+                channel,
+                range,
+                interval: std::time::Duration::from_secs_f64(interval.clamp(0.2, 3600.0)),
+            })
+            .await
         }
     }
 }

@@ -1,0 +1,225 @@
+//! `update-server watch CHANNEL` under tmux: the figures of a seeded fleet on screen, a pause
+//! shows up without a restart, q and Ctrl-C leave cleanly (exit status 0).
+
+mod common;
+mod dashboard_fleet;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dashboard_fleet::{FleetSpec, seed};
+use serde_json::json;
+
+/// Stops the private tmux server however the test ends.
+struct TmuxServer(std::path::PathBuf);
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.0)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+fn tmux(sock: &Path, args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .current_dir(sock.parent().unwrap())
+        .arg("-S")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("tmux is installed");
+    assert!(
+        out.status.success(),
+        "tmux {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls the pane until `pred` holds for its text.
+async fn wait_screen(sock: &Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let screen = tmux(sock, &["capture-pane", "-p", "-t", "w"]);
+        if pred(&screen) {
+            return screen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; screen:\n{screen}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_exit(sock: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = tmux(
+            sock,
+            &[
+                "display",
+                "-p",
+                "-t",
+                "w",
+                "#{pane_dead} #{pane_dead_status}",
+            ],
+        );
+        if s.starts_with('1') {
+            return s.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "watch did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn start_watch(sock: &Path, url: &str, token: &str) {
+    let cmd = format!(
+        "{} watch beta --server {url} --token {token} --range day --interval 0.3",
+        env!("CARGO_BIN_EXE_update-server")
+    );
+    tmux(
+        sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "w",
+            "-x",
+            "120",
+            "-y",
+            "40",
+            "sleep 60",
+        ],
+    );
+    // Keep the pane after the program ends so its exit status can be read.
+    tmux(sock, &["set-option", "-t", "w", "remain-on-exit", "on"]);
+    tmux(sock, &["respawn-pane", "-k", "-t", "w", &cmd]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "beta").await;
+    s.put(
+        "/api/v1/rollouts/beta",
+        json!({"policy": {"start_percent": 10, "ramp": {"kind": "linear", "duration_secs": 86400},
+               "halt": {"max_failure_percent": 25, "min_reports": 5}}}),
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let fig = seed(
+        &s.state.store,
+        &FleetSpec {
+            channel: "beta".into(),
+            old: "1.0.0".into(),
+            release: "2.0.0".into(),
+            hosts: 40,
+            start: now - 20 * 3600,
+            now,
+            grant_after: 3600,
+            grant_every: 2400,
+            granted: 24,
+            fail_every: 8,
+        },
+    )
+    .await;
+    assert_eq!((fig.updated, fig.failed), (21, 3));
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("tmux.sock");
+    let _tmux = TmuxServer(sock.clone());
+    start_watch(&sock, &s.url, &s.viewer);
+    let screen = wait_screen(&sock, "the rollout figures", |t| {
+        t.contains("21 / 40 updated")
+    })
+    .await;
+    assert!(
+        screen.contains("channel beta  release 2.0.0  ROLLING"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("21 / 40 updated (52.5%)  target 85.0%"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("*2.0.0                21   52.5%"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(" 1.0.0                19   47.5%"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("3 of 24 reports = 12.5%   threshold 25.0% (min 5 reports)   ok"),
+        "{screen}"
+    );
+    assert!(screen.contains("error 3"), "{screen}");
+    assert!(screen.contains("release_promoted"), "{screen}");
+
+    // Paused through the API: the view redraws in place with the reason.
+    s.post(
+        "/api/v1/rollouts/beta/pause",
+        json!({"reason": "waiting for the kernel fix"}),
+    )
+    .await;
+    let screen = wait_screen(&sock, "the paused state", |t| t.contains("PAUSED")).await;
+    assert!(
+        screen.contains("reason: waiting for the kernel fix"),
+        "{screen}"
+    );
+    assert!(screen.contains("rollout_paused"), "{screen}");
+
+    tmux(&sock, &["send-keys", "-t", "w", "q"]);
+    assert_eq!(wait_exit(&sock).await, "1 0", "q exits with status 0");
+    // The terminal is restored: the alternate screen is gone.
+    let after = tmux(&sock, &["capture-pane", "-p", "-t", "w"]);
+    assert!(!after.contains("Recent activity"), "{after}");
+    tmux(&sock, &["kill-server"]);
+
+    start_watch(&sock, &s.url, &s.viewer);
+    wait_screen(&sock, "the rollout figures", |t| {
+        t.contains("21 / 40 updated")
+    })
+    .await;
+    tmux(&sock, &["send-keys", "-t", "w", "C-c"]);
+    assert_eq!(wait_exit(&sock).await, "1 0", "Ctrl-C exits with status 0");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn watch_refuses_a_bad_token_or_channel_before_taking_the_terminal() {
+    let s = TestServer::start().await;
+    let bin = env!("CARGO_BIN_EXE_update-server");
+    let url = s.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(["watch", "nosuch", "--server", &url, "--token", "wrong"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown token"), "{err}");
+    let url = s.url.clone();
+    let viewer = s.viewer.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(["watch", "nosuch", "--server", &url, "--token", &viewer])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("channel nosuch does not exist"), "{err}");
+    s.stop().await;
+}
