@@ -538,6 +538,15 @@ impl Agent {
                 }
             }
         }
+        // A staged update still waits for its reboot, whatever this check found.
+        if !matches!(result, Ok(CheckOutcome::Installed { .. }))
+            && let Ok(Some(staged)) = self.state().map(|s| s.staged)
+            && staged.slot != self.booted.name().to_string()
+        {
+            self.machine.reported().ok();
+            self.machine.staged(&staged.version).ok();
+            self.publish();
+        }
         result
     }
 

@@ -248,6 +248,8 @@ fn core_loop(
                 if r.is_ok() {
                     failures = 0;
                 }
+                // Something may be staged now: decide about the reboot right away.
+                next_reboot_try = Instant::now();
                 publish(&status, &mut agent, &sig);
                 let _ = reply.send(r);
             }
@@ -288,6 +290,7 @@ fn core_loop(
             publish(&status, &mut agent, &sig);
             next_check =
                 Instant::now() + next_check_delay(&server, false, failures, fastrand::f64());
+            next_reboot_try = Instant::now();
         }
         if forced_reboot || Instant::now() >= next_reboot_try {
             agent.retry_release();

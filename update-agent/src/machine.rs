@@ -154,12 +154,15 @@ impl Machine {
         Ok(&self.op)
     }
 
-    /// Idle | ReportingError -> CheckingForUpdate.
+    /// Idle | ReportingError | UpdatedNeedReboot -> CheckingForUpdate (a staged host keeps
+    /// checking: a newer release replaces the staged one).
     pub fn start_check(&mut self) -> Result<&Operation, BadTransition> {
         from!(
             self,
             "start a check",
-            Operation::Idle | Operation::ReportingError { .. }
+            Operation::Idle
+                | Operation::ReportingError { .. }
+                | Operation::UpdatedNeedReboot { .. }
         );
         self.set(Operation::CheckingForUpdate)
     }

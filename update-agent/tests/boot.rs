@@ -395,6 +395,14 @@ fn coordinated_reboot_waits_for_the_lock_and_the_maintenance_window() {
         agent.check().unwrap(),
         CheckOutcome::Installed { .. }
     ));
+    // A staged host keeps checking; the staged update stays what it waits for.
+    assert_eq!(
+        agent.check().unwrap(),
+        CheckOutcome::AlreadyStaged {
+            version: "1.1.0".into()
+        }
+    );
+    assert_eq!(agent.operation().name(), "updated-need-reboot");
 
     assert_eq!(
         agent.reboot_if_due(false).unwrap(),
