@@ -67,7 +67,7 @@ impl Client {
         Ok(Client {
             base: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            http: reqwest::Client::builder()
+            http: crate::http_client_builder()
                 .build()
                 .context("cannot build HTTP client")?,
         })

@@ -19,3 +19,18 @@ pub mod series;
 pub mod server;
 pub mod store;
 pub mod watch;
+
+/// An HTTP client builder for the CLI subcommands and tests, with TLS through rustls and the
+/// `ring` provider. The whole workspace shares one reqwest build without a built-in provider, so
+/// the provider must be installed before any client is built.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
+/// [`http_client_builder`] with default settings.
+pub fn http_client() -> reqwest::Client {
+    http_client_builder()
+        .build()
+        .expect("an HTTP client with default settings always builds")
+}

@@ -243,7 +243,7 @@ fn quits(ev: &Event) -> bool {
 /// Runs until the user quits.
 pub async fn run(cfg: WatchConfig) -> Result<()> {
     crate::series::Range::parse(&cfg.range).map_err(anyhow::Error::msg)?;
-    let http = reqwest::Client::builder()
+    let http = crate::http_client_builder()
         .timeout(Duration::from_secs(10))
         .build()?;
     // Fail before taking over the terminal when the server or token is wrong.

@@ -59,7 +59,7 @@ async fn restart_keeps_all_state() {
     let data = dir.path().join("data");
     let signer = signer(dir.path(), "k");
     let token = create_token(&data, None, "admin");
-    let http = reqwest::Client::new();
+    let http = update_server::http_client();
     let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
     p.wait_ready().await;
     let (st, v) = upload(&http, &p.url, bundle(&signer, "2.0.0"), &token).await;
@@ -121,7 +121,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let token = create_token(&data, None, "admin");
-    let http = reqwest::Client::new();
+    let http = update_server::http_client();
     let mut p = ServerProcess::spawn(&data, None, None);
     p.wait_ready().await;
     let acked = Arc::new(AtomicUsize::new(0));
@@ -320,7 +320,7 @@ async fn postgres_several_servers_agree() {
     let data = dir.path().join("data");
     let signer = signer(dir.path(), "k");
     let token = create_token(&data, Some(&pg.url), "admin");
-    let http = reqwest::Client::new();
+    let http = update_server::http_client();
     let mut a = ServerProcess::spawn(&data, Some(&pg.url), Some(&signer.keyring_path));
     let mut b = ServerProcess::spawn(&data, Some(&pg.url), Some(&signer.keyring_path));
     a.wait_ready().await;
@@ -532,7 +532,7 @@ async fn cli_subcommands_drive_the_api() {
     assert!(out.contains("\"max_in_flight\":10"), "{out}");
     assert!(out.contains("release_promoted"), "{out}");
     omaha_post(
-        &reqwest::Client::new(),
+        &update_server::http_client(),
         &url,
         &ue_request("cli-host", "1.0.0", "stable", vec![]),
     )

@@ -105,7 +105,7 @@ impl TestServer {
             signer,
             state,
             shutdown,
-            http: reqwest::Client::new(),
+            http: update_server::http_client(),
         }
     }
 
@@ -353,7 +353,7 @@ impl ServerProcess {
     }
 
     pub async fn wait_ready(&mut self) {
-        let http = reqwest::Client::new();
+        let http = update_server::http_client();
         let url = format!("{}/healthz", self.url);
         let child = &mut self.child;
         wait_for(60, "server to listen", || {
