@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer};
 use twinroot_format::slot::{SlotAttrs, SlotName};
 use twinroot_qemu::harness::{GOOD, Host, SigningSetup, guest_url, workspace_binary};
-use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, InitBehaviour, PANIC_LINE};
+use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, ExtraFile, InitBehaviour, PANIC_LINE};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
 
@@ -84,6 +84,79 @@ fn broken_release_panics_and_the_host_comes_back_on_its_own() -> Result<()> {
         host.count("update staged version=4.0.0"),
         1,
         "installed v4 twice"
+    );
+    host.stop()?;
+    assert_eq!(disk.slots()?[1].attrs, SlotAttrs::UNBOOTABLE);
+    Ok(())
+}
+
+/// Scenario 2 (failed health check): v3 carries a `required.d` hook that fails. The host boots
+/// v3, fails the check, marks v3 bad, reboots into v1, reports the failure, and never installs v3
+/// again; the server records the failed version.
+#[test]
+fn release_failing_its_health_check_is_reverted_and_reported() -> Result<()> {
+    let lab = Lab::new(SELECTOR)?;
+    let keys = SigningSetup::generate(lab.path())?;
+    let server = UpdateServer::start(&lab, &keys.keyring)?;
+    let agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
+    let image = |version: &str, files: Vec<ExtraFile>| -> Result<std::path::PathBuf> {
+        let mut spec = lab.kit.rootfs(version);
+        spec.include_kernel = false;
+        spec.keyring = Some(std::fs::read(&keys.keyring)?);
+        spec.agent = Some(AgentSpec {
+            binary: workspace_binary("update-agent")?,
+            args: vec!["daemon".into()],
+            config: agent.to_toml(),
+        });
+        spec.files = files;
+        lab.kit.image(&format!("v{version}"), &spec)
+    };
+    let v1 = image("1.0.0", vec![])?;
+    let v3 = image(
+        "3.0.0",
+        vec![ExtraFile::required_check(
+            "50-app",
+            "echo app of v3 does not start; exit 1",
+        )],
+    )?;
+    let bundle = lab.path().join("v3.bundle");
+    keys.bundle(&v3, "3.0.0", &bundle)?;
+    server.upload(&bundle)?;
+    server.promote("3.0.0", "stable")?;
+
+    let disk = lab.kit.disk("host")?;
+    disk.write_slot(SlotName::A, &v1)?;
+    disk.set_attrs(SlotName::A, GOOD)?;
+    let mut host = Host::start(lab.kit.host("host", &disk))?;
+    host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
+    host.wait_for("update staged version=3.0.0", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot: booted version 3.0.0 slot b", BOOT_TIMEOUT)?;
+    host.wait_for("check failed check=50-app", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot-boot: booting slot a from /dev/vda3", BOOT_TIMEOUT)?;
+    host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
+    host.wait_for("update check outcome=", BOOT_TIMEOUT)?;
+
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let instance = loop {
+        let list = server.instances()?;
+        let first = list.as_array().and_then(|a| a.first()).cloned();
+        if let Some(i) = first
+            && i["failed_version"] == "3.0.0"
+            && i["version"] == "1.0.0"
+        {
+            break i;
+        }
+        if Instant::now() >= deadline {
+            bail!("server never recorded the failed 3.0.0: {list}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("v3 failed its check and was reverted; server instance: {instance}");
+    assert_ne!(instance["status"], "complete");
+    assert_eq!(
+        host.count("update staged version=3.0.0"),
+        1,
+        "installed v3 twice"
     );
     host.stop()?;
     assert_eq!(disk.slots()?[1].attrs, SlotAttrs::UNBOOTABLE);
