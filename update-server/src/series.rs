@@ -62,8 +62,9 @@ CREATE INDEX activity_at ON activity (at)
 pub const STEPS: [i64; 3] = [60, 3600, 86_400];
 /// Minute buckets are kept this long (they serve the "last hour" view only).
 pub const MINUTE_RETENTION_SECS: i64 = 3 * 86_400;
-/// Instances seen this many seconds before the cursor are looked at again (a check-in batch may
-/// commit a little after its timestamp); folding them in twice changes nothing.
+/// A check-in is committed within this many seconds of its timestamp; instances seen more
+/// recently than that are looked at again by the next catch-up (folding them in twice changes
+/// nothing).
 const INSTANCE_OVERLAP_SECS: i64 = 5;
 
 /// Statuses that are a failed outcome, and the one that is a successful outcome.
@@ -238,15 +239,17 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
         folded += 1;
     }
     let inst = sqlx::query(
-        "SELECT machine_id, channel, version, first_seen, last_seen FROM instances WHERE last_seen >= $1",
+        "SELECT machine_id, channel, version, first_seen, last_seen FROM instances WHERE last_seen > $1",
     )
-    .bind(seen_cursor - INSTANCE_OVERLAP_SECS)
+    .bind(seen_cursor)
     .fetch_all(&mut *tx)
     .await?;
     let mut first_seen = HashMap::new();
+    // Every instance seen at or before the cursor has been folded in.
+    let mut max_seen = seen_cursor;
     for r in &inst {
         let at: i64 = r.try_get("last_seen")?;
-        seen_cursor = seen_cursor.max(at);
+        max_seen = max_seen.max(at);
         let version: Option<String> = r.try_get("version")?;
         let machine_id: String = r.try_get("machine_id")?;
         first_seen.insert(machine_id.clone(), r.try_get::<i64, _>("first_seen")?);
@@ -259,6 +262,7 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
             status: None,
         });
     }
+    let seen_cursor = max_seen.min(now - INSTANCE_OVERLAP_SECS).max(seen_cursor);
     if events.is_empty() {
         tx.commit().await?;
         return Ok(0);

@@ -99,7 +99,7 @@ struct Page {
 
 impl Page {
     async fn open(browser: &Browser) -> Page {
-        let http = reqwest::Client::new();
+        let http = update_server::http_client();
         let target: Value = http
             .put(format!(
                 "http://127.0.0.1:{}/json/new?about:blank",
@@ -302,6 +302,43 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
         .await;
     assert_eq!(ramp, json!(2));
     page.screenshot(&screenshot_path()).await;
+
+    // The other pages: overview, instance list with a filter, a host, the release.
+    page.eval("location.hash = '#/'; true").await;
+    let card = page
+        .wait(
+            "the fleet overview",
+            "document.querySelector('.channel[data-channel=beta]') && document.querySelector('.channel[data-channel=beta]').innerText",
+        )
+        .await;
+    assert!(card.as_str().unwrap().contains("21 / 40"), "{card}");
+    page.eval("location.hash = '#/instances?status=error'; true")
+        .await;
+    page.wait(
+        "the filtered instance list",
+        "document.getElementById('instances-total') && document.getElementById('instances-total').textContent === '3'",
+    )
+    .await;
+    page.click("table a[href^='#/host/']").await;
+    let host = page
+        .wait(
+            "the host page",
+            "location.hash.startsWith('#/host/') && document.querySelector('main h1') && document.body.innerText.includes('Event history') && document.body.innerText",
+        )
+        .await;
+    assert!(host.as_str().unwrap().contains("failed"), "{host}");
+    page.eval("location.hash = '#/release/2.0.0'; true").await;
+    let rel = page
+        .wait(
+            "the release page",
+            "document.getElementById('promote') && document.body.innerText",
+        )
+        .await;
+    assert!(rel.as_str().unwrap().contains("Promotion history"), "{rel}");
+    assert!(rel.as_str().unwrap().contains("forced"), "{rel}");
+    page.eval("location.hash = '#/channel/beta'; true").await;
+    page.wait("the rollout page again", "document.getElementById('pause')")
+        .await;
 
     // Pause from the page: the confirmation dialog, a reason, confirm.
     page.click("#pause").await;
