@@ -449,16 +449,12 @@ impl Agent {
 
     fn run_checks(&mut self) -> HealthReport {
         let mut report = HealthReport::default();
-        if self.policy.check_server_reachable && self.host.omaha.is_some() {
+        if self.policy.check_server_reachable
+            && let Some(t) = self.host.omaha.as_mut()
+        {
             let started = std::time::Instant::now();
-            let s = self.host.store.load().unwrap_or_default();
-            let req = self.request(&s, false);
-            let t = self.host.omaha.as_mut();
-            let outcome = match t
-                .map(|t| t.exchange(&req))
-                .unwrap_or(Ok(Default::default()))
-            {
-                Ok(_) => Outcome::Passed,
+            let outcome = match t.probe() {
+                Ok(()) => Outcome::Passed,
                 Err(e) => Outcome::Failed(format!("update server not reachable: {e}")),
             };
             report.results.push(CheckResult {

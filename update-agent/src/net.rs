@@ -17,6 +17,9 @@ use crate::error::{AgentError, AgentResult, ErrorKind};
 /// Sends one Omaha request and returns the parsed response.
 pub trait OmahaTransport: Send {
     fn exchange(&mut self, request: &omaha::Request) -> AgentResult<omaha::Response>;
+    /// Whether the server answers at all (any HTTP status), without an Omaha check-in that the
+    /// server would count (a not yet confirmed boot must not look like a completed update).
+    fn probe(&mut self) -> AgentResult<()>;
 }
 
 /// Takes and gives back the fleet-wide reboot slot (FleetLock).
@@ -184,6 +187,19 @@ impl OmahaTransport for HttpOmaha {
                 ErrorKind::Network,
                 format!("{}: bad Omaha response: {e}", self.url),
             )
+        })
+    }
+
+    fn probe(&mut self) -> AgentResult<()> {
+        let url = self.url.clone();
+        let client = self.client.clone();
+        self.rt.block_on(async move {
+            client
+                .get(&url)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| net_err(&url, e))
         })
     }
 }

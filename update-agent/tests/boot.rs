@@ -316,7 +316,8 @@ fn wanted_hook_failure_still_marks_good_and_releases_the_reboot_slot() {
     let seen = w.server.seen();
     let released_at = seen.iter().position(|s| s.path == "/v1/steady-state");
     let complete_at = seen.iter().position(|s| {
-        s.path == "/v1/update/"
+        s.method == "POST"
+            && s.path == "/v1/update/"
             && twinroot_format::omaha::Request::parse(&s.body)
                 .unwrap()
                 .apps
@@ -332,6 +333,17 @@ fn wanted_hook_failure_still_marks_good_and_releases_the_reboot_slot() {
         "{released_at:?} {complete_at:?}"
     );
     assert!(!w.state().reboot_lock_held);
+    // Until it reported 3/2, the new version never checked in without an event (a server
+    // would count such a check-in as a completed update).
+    for r in w.server.omaha_requests() {
+        let app = &r.apps[0];
+        if app.version.as_deref() == Some("1.1.0") {
+            assert!(
+                !app.events.is_empty(),
+                "event-less check-in from 1.1.0: {r:?}"
+            );
+        }
+    }
     assert_eq!(
         w.power_cycle(),
         SlotName::B,
