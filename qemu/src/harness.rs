@@ -168,6 +168,27 @@ impl HostDisk {
         Ok(())
     }
 
+    /// `len` bytes of `slot` from `offset` as the disk file holds them now (what a running
+    /// guest has written back so far).
+    pub fn read_slot(&self, slot: SlotName, offset: u64, len: usize) -> Result<Vec<u8>> {
+        use std::io::{Seek, SeekFrom};
+        let extent = self.open()?.slot_extent(slot);
+        if offset + len as u64 > extent.len {
+            bail!(
+                "{}: reading {len} bytes at {offset} of slot {slot}, which holds {} bytes",
+                self.path.display(),
+                extent.len
+            );
+        }
+        let mut f = File::open(&self.path)
+            .with_context(|| format!("opening disk {}", self.path.display()))?;
+        f.seek(SeekFrom::Start(extent.offset + offset))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf)
+            .with_context(|| format!("reading slot {slot} of {}", self.path.display()))?;
+        Ok(buf)
+    }
+
     /// Both slots' boot state as on disk now.
     pub fn slots(&self) -> Result<[SlotState; 2]> {
         Ok(self.open()?.slots())

@@ -201,3 +201,59 @@ impl Coordinator {
         )
     }
 }
+
+/// A root image `vVERSION` with the update-agent (`daemon`), `agent`'s configuration, the
+/// trusted keyring of `keys` and the `files` of this version (no kernel inside: the tests boot
+/// the shared one).
+pub fn agent_image(
+    lab: &Lab,
+    keys: &twinroot_qemu::harness::SigningSetup,
+    agent: &twinroot_qemu::rootfs::AgentImageConfig,
+    version: &str,
+    files: Vec<twinroot_qemu::rootfs::ExtraFile>,
+) -> Result<std::path::PathBuf> {
+    let mut spec = lab.kit.rootfs(version);
+    spec.include_kernel = false;
+    spec.keyring = Some(std::fs::read(&keys.keyring)?);
+    spec.agent = Some(twinroot_qemu::rootfs::AgentSpec {
+        binary: twinroot_qemu::harness::workspace_binary("update-agent")?,
+        args: vec!["daemon".into()],
+        config: agent.to_toml(),
+    });
+    spec.files = files;
+    lab.kit.image(&format!("v{version}"), &spec)
+}
+
+/// `len` bytes that no compressor can shrink (xorshift64*, fixed seed: reproducible images).
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Polls `probe` every 500 ms until it returns `Some`, or fails after `timeout` with `what` and
+/// the last value `describe` gives.
+pub fn poll_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+    describe: impl Fn() -> String,
+) -> Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("{what} (after {} s): {}", timeout.as_secs(), describe());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
