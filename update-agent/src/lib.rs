@@ -20,5 +20,6 @@ pub mod machine;
 pub mod net;
 pub mod reboot;
 pub mod sim;
+pub mod simulate;
 pub mod slots;
 pub mod state;

@@ -88,6 +88,8 @@ enum Command {
     Rollback,
     /// Allow a version this host rolled back from to be installed again.
     Unquarantine { version: String },
+    /// Run N simulated hosts (the real agent core, in-memory disks) against a real server.
+    Simulate(Box<update_agent::simulate::SimulateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
         Command::ApplyNow => commands::apply_now(&common),
         Command::Rollback => commands::rollback(&common),
         Command::Unquarantine { version } => commands::unquarantine(&common, version),
+        Command::Simulate(args) => update_agent::simulate::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

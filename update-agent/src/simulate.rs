@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -358,6 +358,9 @@ pub fn summarize(
                 let c = counts.entry(e.version.clone()).or_default();
                 *c += 1;
                 let c = *c;
+                if e.version == initial {
+                    continue;
+                }
                 if c * 2 >= hosts {
                     t50.entry(e.version.clone()).or_insert(e.t);
                 }
@@ -472,10 +475,13 @@ fn bump_max(current: &AtomicUsize, max: &AtomicUsize) {
     max.fetch_max(now, Ordering::SeqCst);
 }
 
+/// One payload, fetched by the first host that needs it.
+type Payload = Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>;
+
 /// Payloads fetched once per URL over real HTTP, shared by every host.
 #[derive(Default)]
 struct BundleCache {
-    bundles: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>>>,
+    bundles: Mutex<HashMap<String, Payload>>,
 }
 
 struct CachedSources {
@@ -540,6 +546,9 @@ impl OmahaTransport for GroupOmaha {
                 self.inner.exchange(&r)
             }
         }
+    }
+    fn probe(&mut self) -> AgentResult<()> {
+        self.inner.probe()
     }
 }
 
@@ -614,13 +623,19 @@ struct ScaledClock {
 
 impl Clock for ScaledClock {
     fn now(&self) -> jiff::Timestamp {
-        let ms = self.start_unix_ms + (self.start.elapsed().as_secs_f64() * self.scale * 1000.0) as i64;
+        let ms =
+            self.start_unix_ms + (self.start.elapsed().as_secs_f64() * self.scale * 1000.0) as i64;
         jiff::Timestamp::from_millisecond(ms).unwrap_or_default()
     }
 }
 
 /// The configured health outcome for one host and release.
-fn fate(opts: &SimOptions, machine_id: &str, board: Option<&str>, version: &str) -> Option<FailKind> {
+fn fate(
+    opts: &SimOptions,
+    machine_id: &str,
+    board: Option<&str>,
+    version: &str,
+) -> Option<FailKind> {
     opts.health
         .iter()
         .filter(|r| r.version == version)
@@ -843,12 +858,9 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
             Ok(BootOutcome::MarkedBad { version: v, reason }) => {
                 ctx.record(i, "bad", v, reason.clone())
             }
-            Ok(BootOutcome::RolledBack { version: v }) => ctx.record(
-                i,
-                "rolled_back",
-                v,
-                format!("back on {version}"),
-            ),
+            Ok(BootOutcome::RolledBack { version: v }) => {
+                ctx.record(i, "rolled_back", v, format!("back on {version}"))
+            }
             Ok(_) => {}
             Err(e) => ctx.record(i, "boot_error", &version.to_string(), e.to_string()),
         }
@@ -856,7 +868,6 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
 
         // Poll until the agent reboots (or the run stops).
         let mut next_check = Instant::now() + opts.real(first_delay);
-        first_delay = jitter(opts.interval);
         let mut next_reboot_try: Option<Instant> = None;
         let mut lock_failures = 0u32;
         while !rebooted.load(Ordering::SeqCst) {
@@ -993,8 +1004,8 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<Report> {
     if share > 100.0 + 1e-9 {
         bail!("--board-share adds up to {share}%, more than 100%");
     }
-    let client = crate::net::http_client(Duration::from_secs(30))
-        .map_err(|e| anyhow!("{}", e.message))?;
+    let client =
+        crate::net::http_client(Duration::from_secs(30)).map_err(|e| anyhow!("{}", e.message))?;
     let ctx = Arc::new(Ctx {
         rt: Handle::current(),
         client,
@@ -1048,8 +1059,8 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<Report> {
         {
             break "all_on_version";
         }
-        let quiet_ms = ctx.start.elapsed().as_millis() as u64
-            - ctx.last_change_ms.load(Ordering::SeqCst);
+        let quiet_ms =
+            ctx.start.elapsed().as_millis() as u64 - ctx.last_change_ms.load(Ordering::SeqCst);
         if Duration::from_millis(quiet_ms) >= opts.real(opts.settle) {
             break "settled";
         }
@@ -1215,7 +1226,13 @@ mod tests {
             (r.kind, r.percent, r.board.as_deref()),
             (FailKind::Panic, 100.0, Some("X"))
         );
-        for bad in ["2.0.0", "x:fail=3%", "2.0.0:fail=300%", "2.0.0:oops=1", "2.0.0:board=X"] {
+        for bad in [
+            "2.0.0",
+            "x:fail=3%",
+            "2.0.0:fail=300%",
+            "2.0.0:oops=1",
+            "2.0.0:board=X",
+        ] {
             let e = bad.parse::<HealthRule>().unwrap_err().to_string();
             assert!(e.contains(bad), "{bad}: {e}");
         }
@@ -1243,7 +1260,10 @@ mod tests {
             .filter(|s| fate(&o, &s.machine_id, s.board.as_deref(), "2.0.0").is_some())
             .count();
         assert!((230..370).contains(&failing), "{failing}");
-        let on_x = specs.iter().filter(|s| s.board.as_deref() == Some("X")).count();
+        let on_x = specs
+            .iter()
+            .filter(|s| s.board.as_deref() == Some("X"))
+            .count();
         assert!((60..140).contains(&on_x), "{on_x}");
         assert!(
             specs
@@ -1277,7 +1297,12 @@ mod tests {
         let (v, counts) = summarize(4, "1.0.0", &tl);
         let two = v.iter().find(|s| s.version == "2.0.0").unwrap();
         assert_eq!(
-            (two.hosts_booted, two.failed, two.rolled_back, two.running_at_end),
+            (
+                two.hosts_booted,
+                two.failed,
+                two.rolled_back,
+                two.running_at_end
+            ),
             (2, 2, 2, 0)
         );
         let three = v.iter().find(|s| s.version == "3.0.0").unwrap();
