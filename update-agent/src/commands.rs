@@ -103,6 +103,10 @@ fn with_proxy<T>(
 
 /// `update-agent status`.
 pub fn status(common: &Common) -> anyhow::Result<()> {
+    let settings = common.settings()?;
+    if settings.bus == crate::config::BusChoice::None {
+        return status_from_files(&settings);
+    }
     let (op, progress, current, new, last_check, last_error) =
         with_proxy(common, async |p| p.get_status().await)?;
     println!("operation: {op}");
@@ -121,6 +125,62 @@ pub fn status(common: &Common) -> anyhow::Result<()> {
     }
     if !last_error.is_empty() {
         println!("last error: {last_error}");
+    }
+    Ok(())
+}
+
+/// Status without a D-Bus API: what the state file and the slot table say.
+fn status_from_files(settings: &Settings) -> anyhow::Result<()> {
+    use crate::state::StateStore;
+    let store = crate::state::FileStateStore::new(&settings.agent.state_dir);
+    let state = { store.clone() }.load()?;
+    println!(
+        "(dbus.bus is \"none\": read from {} and {})",
+        store.path().display(),
+        settings.agent.disk.display()
+    );
+    match twinroot_format::gpt::SlotDisk::open(&settings.agent.disk) {
+        Ok(disk) => {
+            for s in disk.slots() {
+                let version = state
+                    .slot_versions
+                    .get(&s.name.to_string())
+                    .map(|v| format!(" ({v})"))
+                    .unwrap_or_default();
+                println!("slot {}: {}{version}", s.name, s.attrs);
+            }
+        }
+        Err(e) => println!("slots: {e}"),
+    }
+    if let Some(st) = &state.staged {
+        println!(
+            "staged: {} in slot {}{}",
+            st.version,
+            st.slot,
+            if st.reboot_requested {
+                ", reboot requested"
+            } else {
+                ", waiting for the reboot"
+            }
+        );
+    }
+    if let Some(d) = &state.download {
+        println!(
+            "interrupted download: {} at image byte {} ({})",
+            d.version, d.image_offset, d.url
+        );
+    }
+    if !state.quarantined.is_empty() {
+        println!("quarantined: {}", state.quarantined.join(", "));
+    }
+    if let Some(t) = state.last_check_unix {
+        let t = jiff::Timestamp::from_second(t as i64)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        println!("last check: {t}");
+    }
+    if let Some(e) = &state.last_error {
+        println!("last error: {e}");
     }
     Ok(())
 }

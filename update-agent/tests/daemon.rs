@@ -304,8 +304,16 @@ fn daemon_without_a_bus_checks_a_new_boot_and_marks_it_good() {
     let s = slots(&h.disk);
     assert_eq!(s[1].attrs.tries, 0);
     assert!(s[1].attrs.priority > s[0].attrs.priority);
-    // The D-Bus clients say clearly that there is no bus.
+    // Without a bus, `status` reads the state file and the slot table; `check` says why not.
     let out = h.cli(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        o.contains("slot b: priority=2 tries=0 successful=1 (2.0.0)"),
+        "{}",
+        text(&out)
+    );
+    let out = h.cli(&["check"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("none"),
