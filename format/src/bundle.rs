@@ -623,6 +623,8 @@ impl<R: Read> Read for ImageReader<R> {
 }
 
 const CHUNK: usize = 512 * 1024;
+/// Image bytes per zstd frame in bodies written by [`compress_body`].
+pub const FRAME_IMAGE_BYTES: u64 = 32 << 20;
 const QUEUE: usize = 4;
 
 /// A chunk in flight: a buffer and how many of its bytes are data.
@@ -851,18 +853,21 @@ pub fn compress_body<R: Read, W: Write>(
     out: W,
     level: i32,
 ) -> io::Result<(Digest, BodyInfo)> {
-    let sink = HashingWriter {
+    let new_frame = |sink| -> io::Result<zstd::stream::write::Encoder<'static, HashingWriter<W>>> {
+        let mut encoder = zstd::stream::write::Encoder::new(sink, level)?;
+        if level > MAX_LEVEL_WITHIN_WINDOW {
+            // zstd's own window for levels 20-22 is 2^25-2^27: cap it so readers stay within
+            // MAX_WINDOW_LOG. Levels up to 19 use at most 2^23 on their own.
+            encoder.window_log(MAX_WINDOW_LOG)?;
+        }
+        encoder.include_checksum(false)?;
+        Ok(encoder)
+    };
+    let mut encoder = new_frame(HashingWriter {
         inner: out,
         hasher: Sha256::new(),
         count: 0,
-    };
-    let mut encoder = zstd::stream::write::Encoder::new(sink, level)?;
-    if level > MAX_LEVEL_WITHIN_WINDOW {
-        // zstd's own window for levels 20-22 is 2^25-2^27: cap it so readers stay within
-        // MAX_WINDOW_LOG. Levels up to 19 use at most 2^23 on their own.
-        encoder.window_log(MAX_WINDOW_LOG)?;
-    }
-    encoder.include_checksum(false)?;
+    })?;
     let mut image_hasher = Sha256::new();
     let mut image_size = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -874,8 +879,19 @@ pub fn compress_body<R: Read, W: Write>(
             Err(e) => return Err(e),
         };
         image_hasher.update(&buf[..n]);
-        image_size += n as u64;
-        encoder.write_all(&buf[..n])?;
+        let mut chunk = &buf[..n];
+        while !chunk.is_empty() {
+            // Independent frames of FRAME_IMAGE_BYTES each: a reader that was interrupted can
+            // resume decompression at a frame boundary instead of from the start.
+            let room = FRAME_IMAGE_BYTES - image_size % FRAME_IMAGE_BYTES;
+            let take = chunk.len().min(room as usize);
+            encoder.write_all(&chunk[..take])?;
+            image_size += take as u64;
+            chunk = &chunk[take..];
+            if image_size % FRAME_IMAGE_BYTES == 0 {
+                encoder = new_frame(encoder.finish()?)?;
+            }
+        }
     }
     let mut sink = encoder.finish()?;
     sink.flush()?;
@@ -1194,6 +1210,37 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn body_is_split_into_independent_frames() {
+        // Two full frames and a partial one; each frame decodes on its own.
+        let size = 2 * FRAME_IMAGE_BYTES as usize + 4321;
+        let img: Vec<u8> = image().iter().cycle().take(size).copied().collect();
+        let mut body = Vec::new();
+        let (digest, info) = compress_body(&img[..], &mut body, 1).unwrap();
+        assert_eq!(digest.size, size as u64);
+        assert_eq!(info.size, body.len() as u64);
+        let mut rest = &body[..];
+        let mut frames = Vec::new();
+        while !rest.is_empty() {
+            let len = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            let mut one = Vec::new();
+            zstd::stream::read::Decoder::new(&rest[..len])
+                .unwrap()
+                .single_frame()
+                .read_to_end(&mut one)
+                .unwrap();
+            frames.push(one.len());
+            rest = &rest[len..];
+        }
+        let full = FRAME_IMAGE_BYTES as usize;
+        assert_eq!(frames, vec![full, full, 4321]);
+        // And the whole bundle still verifies and round-trips.
+        let mut out = Vec::new();
+        let mut scratch = Cursor::new(Vec::new());
+        write_bundle(&img[..], &release(), &[key(1)], 1, &mut scratch, &mut out).unwrap();
+        assert_eq!(verify(&out, &ring(1, &[1])).unwrap(), img);
     }
 
     #[test]
