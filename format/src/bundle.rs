@@ -888,7 +888,7 @@ pub fn compress_body<R: Read, W: Write>(
             encoder.write_all(&chunk[..take])?;
             image_size += take as u64;
             chunk = &chunk[take..];
-            if image_size % FRAME_IMAGE_BYTES == 0 {
+            if image_size.is_multiple_of(FRAME_IMAGE_BYTES) {
                 encoder = new_frame(encoder.finish()?)?;
             }
         }
