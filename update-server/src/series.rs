@@ -193,9 +193,19 @@ fn values(backend: Backend, rows: usize, cols: usize) -> String {
         .join(",")
 }
 
-/// Folds everything new in `status_history` and `instances` into the series. Returns the number
-/// of history rows folded in.
-pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
+/// Where the series stand after a catch-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaughtUp {
+    /// History rows folded in by this call.
+    pub folded: u64,
+    /// The last history row folded in (any change of a host's outcome writes one).
+    pub history_cursor: i64,
+    /// A random number identifying this database (for caches keyed by database).
+    pub database_id: i64,
+}
+
+/// Folds everything new in `status_history` and `instances` into the series.
+pub async fn catch_up(store: &Store, now: i64) -> Result<CaughtUp> {
     let _guard = CATCH_UP.lock().await;
     let mut tx = store.begin().await?;
     let lock = match store.backend {
@@ -204,15 +214,30 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
     };
     let mut history_cursor = 0i64;
     let mut seen_cursor = 0i64;
+    let mut database_id = None;
     for r in sqlx::query(lock).fetch_all(&mut *tx).await? {
         let name: String = r.try_get("name")?;
         let v: i64 = r.try_get("value")?;
         match name.as_str() {
             "history" => history_cursor = v,
             "instances" => seen_cursor = v,
+            "database_id" => database_id = Some(v),
             _ => {}
         }
     }
+    let database_id = match database_id {
+        Some(id) => id,
+        None => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let id = i64::from_le_bytes(b) & i64::MAX;
+            sqlx::query("INSERT INTO dash_cursor (name, value) VALUES ('database_id', $1)")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            id
+        }
+    };
     let mut fold = Fold::default();
     let mut events: Vec<Seen> = Vec::new();
     let hist = sqlx::query(
@@ -265,7 +290,11 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
     let seen_cursor = max_seen.min(now - INSTANCE_OVERLAP_SECS).max(seen_cursor);
     if events.is_empty() {
         tx.commit().await?;
-        return Ok(0);
+        return Ok(CaughtUp {
+            folded: 0,
+            history_cursor,
+            database_id,
+        });
     }
     events.sort_by_key(|e| (e.at, e.order));
     let mut ids: Vec<String> = events.iter().map(|e| e.machine_id.clone()).collect();
@@ -323,7 +352,11 @@ pub async fn catch_up(store: &Store, now: i64) -> Result<u64> {
     tx.commit()
         .await
         .context("cannot commit dashboard series")?;
-    Ok(folded)
+    Ok(CaughtUp {
+        folded,
+        history_cursor,
+        database_id,
+    })
 }
 
 async fn load_hosts(

@@ -158,7 +158,7 @@ impl Page {
 
     /// Polls an expression until it is truthy.
     async fn wait(&mut self, what: &str, expr: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let v = self.eval(expr).await;
             if !(v.is_null() || v == json!(false) || v == json!("")) {
@@ -350,7 +350,7 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
     page.type_into("#confirm-reason", "too many disk errors")
         .await;
     page.click("#confirm-ok").await;
-    let shown = wait_for(20, "the rollout to be paused", || async {
+    let shown = wait_for(60, "the rollout to be paused", || async {
         let v = s.get("/api/v1/rollouts/beta").await;
         (v["paused"] == true).then_some(v)
     })

@@ -43,7 +43,7 @@ fn tmux(sock: &Path, args: &[&str]) -> String {
 
 /// Polls the pane until `pred` holds for its text.
 async fn wait_screen(sock: &Path, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let screen = tmux(sock, &["capture-pane", "-p", "-t", "w"]);
         if pred(&screen) {
@@ -58,8 +58,10 @@ async fn wait_screen(sock: &Path, what: &str, pred: impl Fn(&str) -> bool) -> St
 }
 
 async fn wait_exit(sock: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        // The pane may be marked dead (its terminal closed) a moment before tmux has collected
+        // the exit status or signal: wait for one of them.
         let s = tmux(
             sock,
             &[
@@ -67,11 +69,12 @@ async fn wait_exit(sock: &Path) -> String {
                 "-p",
                 "-t",
                 "w",
-                "#{pane_dead} #{pane_dead_status}",
+                "#{pane_dead} #{pane_dead_status}#{?pane_dead_signal, signal ,}#{pane_dead_signal}",
             ],
         );
-        if s.starts_with('1') {
-            return s.trim().to_string();
+        let s = s.trim();
+        if s.starts_with('1') && s.len() > 2 {
+            return s.to_string();
         }
         assert!(Instant::now() < deadline, "watch did not exit");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -182,6 +185,9 @@ async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
     assert!(!after.contains("Recent activity"), "{after}");
     tmux(&sock, &["kill-server"]);
 
+    // A second tmux server (a fresh socket: the first may still be shutting down).
+    let sock = dir.path().join("tmux2.sock");
+    let _tmux2 = TmuxServer(sock.clone());
     start_watch(&sock, &s.url, &s.viewer);
     wait_screen(&sock, "the rollout figures", |t| {
         t.contains("21 / 40 updated")
