@@ -166,6 +166,15 @@ if two:
     out.append(f"| Nebraska (safe mode: one host first; a failure lifts safe mode, no automatic halt) | {hosts} (100%), at the max-updates-per-period rate until an operator stops it |")
     out.append(f"| hawkBit (one group, default error threshold 50% of the group) | {hosts//2} (50%) failures before the pause |")
     out.append(f"| hawkBit (groups of 1,000, default 50%) | 500 (5%) failures before the first group pauses |")
+out.append("")
+out.append("Reading it: scenario 1's duration is set by the reboot slots, not the server: each host holds a "
+           "slot from its grant through the reboot until its healthy boot is confirmed, and a host refused a "
+           "slot retries with backoff (a tenth of the check interval, doubling up to the interval), so the "
+           "slots are not kept busy all the time. Scenario 2's blast radius is the 20 reports the halt waits "
+           "for plus the hosts already granted while those reports came in; it grows with the start "
+           "percentage and with the time between grant and failure report, and shrinks with a lower "
+           "`--halt-min-reports` or a `--max-in-flight` limit. Server CPU and RSS are the update-server "
+           "process's own (from /proc), measured over the simulator's run.")
 section = "\n".join(out) + "\n"
 path = "docs/BENCHMARKS.md"
 text = open(path).read()
