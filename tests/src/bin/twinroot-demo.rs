@@ -603,6 +603,9 @@ fn run(opts: &Options, stop: &AtomicBool, progress: &Progress) -> Result<()> {
         took.push((channel, secs));
     }
 
+    // A fresh look at the coordinator's activity (it is otherwise read every 2 s).
+    observer.last_activity_poll = None;
+    observer.poll(&mut hosts)?;
     println!();
     progress.say(format!(
         "done: {NEW} went alpha -> beta -> stable, every reboot through the coordinator"
@@ -610,6 +613,18 @@ fn run(opts: &Options, stop: &AtomicBool, progress: &Progress) -> Result<()> {
     for (channel, secs) in &took {
         println!("  {channel:<6} promotion to Complete: {secs:.0} s");
     }
+    let count = |event: &str| {
+        observer
+            .activity_seen
+            .iter()
+            .filter(|e| e.1 == event)
+            .count()
+    };
+    println!(
+        "  coordinator: {} reboot slot grants, {} releases (1 slot: one reboot at a time)",
+        count("granted"),
+        count("released")
+    );
     println!("  total: {:.0} s", progress.started.elapsed().as_secs_f64());
     if opts.exit_when_done {
         progress.say("stopping the VMs, the update-server, the coordinator and etcd");
