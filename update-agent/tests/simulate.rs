@@ -265,3 +265,98 @@ async fn bad_release_is_halted_and_every_affected_host_rolls_back() {
         .count();
     assert_eq!(installs, bad.hosts_booted, "{}", report.render());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subcommand_prints_the_summary_writes_the_timeline_and_names_bad_input() {
+    let fleet = Fleet::start(3).await;
+    fleet.release("2.0.0").await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring.json");
+    std::fs::write(&keyring, fleet.keyring.to_bytes()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_update-agent");
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin)
+                .arg("simulate")
+                .args(args)
+                .env("UPDATE_AGENT_LOG", "warn")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--hosts",
+            "20",
+            "--server",
+            &fleet.server_url,
+            "--coordinator",
+            &fleet.coordinator_url,
+            "--keyring",
+            keyring.to_str().unwrap(),
+            "--interval-secs",
+            "1",
+            "--reboot-secs",
+            "0.5",
+            "--time-scale",
+            "2",
+            "--max-secs",
+            "60",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let csv = dir.path().join("timeline.csv");
+    let out = run(common(&[
+        "--until-all-on",
+        "2.0.0",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ended: all_on_version"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("2.0.0") && l.split_whitespace().nth(1) == Some("20")),
+        "{stdout}"
+    );
+    let timeline = std::fs::read_to_string(&csv).unwrap();
+    assert!(timeline.starts_with("t,host,event,version,detail\n"));
+    assert_eq!(
+        timeline
+            .lines()
+            .filter(|l| l.contains(",booted,2.0.0,"))
+            .count(),
+        20
+    );
+
+    for (bad, named) in [
+        (vec!["--health", "2.0.0:fail=300%"], "300"),
+        (vec!["--board-share", "X"], "BOARD=P%"),
+        (vec!["--time-scale", "0"], "--time-scale"),
+    ] {
+        let out = run(common(&bad)).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(stderr.contains(named), "{bad:?}: {stderr}");
+    }
+    let mut args = common(&[]);
+    let k = args.iter().position(|a| a == "--keyring").unwrap();
+    args[k + 1] = dir.path().join("missing.json").display().to_string();
+    let out = run(args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("missing.json"), "{stderr}");
+}
