@@ -298,9 +298,16 @@ fn daemon_without_a_bus_checks_a_new_boot_and_marks_it_good() {
     .unwrap();
 
     let _daemon = h.daemon(&[]);
-    wait_for("slot B marked good", Duration::from_secs(30), || {
-        slots(&h.disk)[1].attrs.successful
-    });
+    // The agent marks the slot, then records the slot's version in its state file.
+    let state = h.dir.path().join("state/agent-state.json");
+    wait_for(
+        "slot B marked good and recorded",
+        Duration::from_secs(30),
+        || {
+            slots(&h.disk)[1].attrs.successful
+                && std::fs::read_to_string(&state).is_ok_and(|t| t.contains("\"b\": \"2.0.0\""))
+        },
+    );
     let s = slots(&h.disk);
     assert_eq!(s[1].attrs.tries, 0);
     assert!(s[1].attrs.priority > s[0].attrs.priority);
