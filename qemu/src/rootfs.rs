@@ -420,7 +420,13 @@ ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 if mounted /state; then
-    [ -s /state/machine-id ] || tr -d '-' < /proc/sys/kernel/random/uuid > /state/machine-id
+    if [ ! -s /state/machine-id ]; then
+        # Written once per host: make it durable before anything reports it to a server.
+        tr -d '-' < /proc/sys/kernel/random/uuid > /state/machine-id.new
+        sync /state/machine-id.new
+        mv /state/machine-id.new /state/machine-id
+        sync /state
+    fi
     mkdir -p /state/twinroot
 else
     echo "twinroot: warning: /state is not mounted"
