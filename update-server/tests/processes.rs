@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use common::postgres::Postgres;
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -182,135 +180,6 @@ async fn kill_9_loses_no_acknowledged_event() {
         );
     }
     p.terminate();
-}
-
-/// A private PostgreSQL on a free port, run as the `postgres` user when we are root.
-struct Postgres {
-    _dir: tempfile::TempDir,
-    child: Child,
-    url: String,
-}
-
-fn as_postgres_user(cmd: &mut Command) {
-    let euid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1);
-    if euid == 0 {
-        let out = Command::new("id")
-            .args(["-u", "postgres"])
-            .output()
-            .unwrap();
-        let uid: u32 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a postgres user");
-        let out = Command::new("id")
-            .args(["-g", "postgres"])
-            .output()
-            .unwrap();
-        let gid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        cmd.uid(uid).gid(gid);
-    }
-}
-
-fn chown_to_postgres(path: &Path) {
-    let euid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1);
-    if euid == 0 {
-        let st = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:")
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
-/// A PostgreSQL server binary: on PATH, in /usr/local/bin, or in Debian's
-/// /usr/lib/postgresql/VERSION/bin (package `postgresql`).
-fn pg_binary(name: &str) -> std::path::PathBuf {
-    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.push("/usr/local/bin".into());
-    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<_> = rd.flatten().map(|e| e.path().join("bin")).collect();
-        versions.sort();
-        dirs.extend(versions.into_iter().rev());
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("PostgreSQL's {name} not found (install Debian package postgresql)")
-        })
-}
-
-impl Postgres {
-    async fn start() -> Postgres {
-        let dir = tempfile::tempdir().unwrap();
-        chown_to_postgres(dir.path());
-        let data = dir.path().join("pgdata");
-        let mut initdb = Command::new(pg_binary("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        as_postgres_user(&mut initdb);
-        let out = initdb.output().unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = free_port();
-        let mut cmd = Command::new(pg_binary("postgres"));
-        cmd.arg("-D")
-            .arg(&data)
-            .arg("-p")
-            .arg(port.to_string())
-            .arg("-k")
-            .arg(dir.path())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=100",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        as_postgres_user(&mut cmd);
-        let child = cmd.spawn().unwrap();
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        let u = url.clone();
-        wait_for(60, "PostgreSQL to accept connections", || {
-            let u = u.clone();
-            async move { update_server::store::Store::open(&u).await.ok().map(|_| ()) }
-        })
-        .await;
-        Postgres {
-            _dir: dir,
-            child,
-            url,
-        }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        // SIGINT: PostgreSQL's fast shutdown.
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]

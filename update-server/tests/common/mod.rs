@@ -1,6 +1,8 @@
 //! Shared test harness: real servers on free loopback ports, real SQLite/PostgreSQL, real bundles.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
