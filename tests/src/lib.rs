@@ -76,11 +76,16 @@ pub struct UpdateServer {
 }
 
 impl UpdateServer {
-    /// Starts the server trusting `keyring` for uploads.
+    /// Starts the server trusting `keyring` for uploads, with its data and log in the lab.
     pub fn start(lab: &Lab, keyring: &Path) -> Result<UpdateServer> {
+        Self::start_in(lab.path(), keyring)
+    }
+
+    /// Starts the server with its data in `dir/server` and its log in `dir/update-server.log`.
+    pub fn start_in(dir: &Path, keyring: &Path) -> Result<UpdateServer> {
         use twinroot_qemu::harness::{Service, ServiceConfig, free_port, workspace_binary};
         let port = free_port()?;
-        let data = lab.path().join("server");
+        let data = dir.join("server");
         std::fs::create_dir_all(&data)?;
         let data_arg = data.display().to_string();
         let mut service = Service::start(ServiceConfig {
@@ -96,7 +101,7 @@ impl UpdateServer {
                 keyring.display().to_string(),
             ],
             env: Vec::new(),
-            log: lab.path().join("server.log"),
+            log: dir.join("update-server.log"),
         })?;
         service.wait_port(port, Duration::from_secs(60))?;
         let token = run_cli(
@@ -145,6 +150,13 @@ impl UpdateServer {
         .map(drop)
     }
 
+    /// Promotes `version` to `channel` the way an operator does: the server enforces the
+    /// alpha -> beta -> stable order.
+    pub fn promote_in_order(&self, version: &str, channel: &str) -> Result<()> {
+        self.cli(&["release", "promote"], &[version, "--channel", channel])
+            .map(drop)
+    }
+
     /// The server's instance list (JSON array).
     pub fn instances(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(
@@ -162,12 +174,20 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts etcd and the coordinator with `slots` reboot slots per group.
+    /// Starts etcd and the coordinator with `slots` reboot slots per group, logs in the lab.
     pub fn start(lab: &Lab, slots: u32) -> Result<Coordinator> {
+        Self::start_in(lab.path(), slots)
+    }
+
+    /// Starts etcd (data and log under `dir/etcd`) and the coordinator (log in
+    /// `dir/reboot-coordinator.log`).
+    pub fn start_in(dir: &Path, slots: u32) -> Result<Coordinator> {
         use twinroot_qemu::harness::{
             Service, ServiceConfig, free_port, start_etcd, workspace_binary,
         };
-        let (etcd, etcd_endpoint) = start_etcd(lab.path())?;
+        let etcd_dir = dir.join("etcd");
+        std::fs::create_dir_all(&etcd_dir)?;
+        let (etcd, etcd_endpoint) = start_etcd(&etcd_dir)?;
         let port = free_port()?;
         let mut service = Service::start(ServiceConfig {
             name: "reboot-coordinator".into(),
@@ -182,7 +202,7 @@ impl Coordinator {
                 slots.to_string(),
             ],
             env: Vec::new(),
-            log: lab.path().join("coordinator.log"),
+            log: dir.join("reboot-coordinator.log"),
         })?;
         service.wait_port(port, Duration::from_secs(60))?;
         Ok(Coordinator {

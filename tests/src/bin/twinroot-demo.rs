@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use twinroot_e2e::{Coordinator, UpdateServer, run_cli};
 use twinroot_format::slot::SlotName;
 use twinroot_qemu::harness::{
-    BootKit, GOOD, Host, HostDisk, Service, ServiceConfig, SigningSetup, free_port, guest_url,
-    start_etcd, workspace_binary,
+    BootKit, GOOD, Host, HostDisk, SigningSetup, guest_url, workspace_binary,
 };
 use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, ExtraFile};
 
@@ -133,24 +133,6 @@ fn main() {
     }
 }
 
-/// Runs a workspace binary with `args`; returns its stdout, or an error with its stderr.
-fn run_cli(binary: &str, args: &[&str]) -> Result<String> {
-    let program = workspace_binary(binary)?;
-    let out = std::process::Command::new(&program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", program.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{binary} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// Empties (or creates) the demo's work directory; refuses to empty a directory that is not
 /// the demo's.
 fn prepare_work_dir(dir: &Path) -> Result<PathBuf> {
@@ -174,97 +156,23 @@ fn prepare_work_dir(dir: &Path) -> Result<PathBuf> {
     std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))
 }
 
-/// The update-server (SQLite in WORK/server) with an admin token.
-struct UpdateServer {
-    service: Service,
-    base: String,
-    token: String,
-}
-
-impl UpdateServer {
-    fn start(work: &Path, keyring: &Path) -> Result<UpdateServer> {
-        let port = free_port()?;
-        let data = work.join("server");
-        std::fs::create_dir_all(&data)?;
-        let data_arg = data.display().to_string();
-        let mut service = Service::start(ServiceConfig {
-            name: "update-server".into(),
-            program: workspace_binary("update-server")?,
-            args: vec![
-                "serve".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--data-dir".into(),
-                data_arg.clone(),
-                "--keyring".into(),
-                keyring.display().to_string(),
-            ],
-            env: Vec::new(),
-            log: work.join("update-server.log"),
-        })?;
-        service.wait_port(port, Duration::from_secs(60))?;
-        let token = run_cli(
-            "update-server",
-            &[
-                "token",
-                "create",
-                "--data-dir",
-                &data_arg,
-                "--role",
-                "admin",
-            ],
-        )?
-        .trim()
-        .to_string();
-        Ok(UpdateServer {
-            service,
-            base: format!("http://127.0.0.1:{port}"),
-            token,
-        })
+/// channel -> instance (one host per channel in the demo).
+fn instances(server: &UpdateServer) -> Result<BTreeMap<String, Instance>> {
+    let list: serde_json::Value = serde_json::from_str(&server.cli(&["instances"], &["--json"])?)
+        .context("update-server instances --json: not JSON")?;
+    let mut out = BTreeMap::new();
+    for i in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let text = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+        out.insert(
+            text("channel"),
+            Instance {
+                machine_id: text("machine_id"),
+                version: text("version"),
+                status: text("status"),
+            },
+        );
     }
-
-    fn port(&self) -> u16 {
-        self.base
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("base URL has a port")
-    }
-
-    fn cli(&self, subcommand: &[&str], rest: &[&str]) -> Result<String> {
-        let conn = ["--server", &self.base, "--token", &self.token];
-        run_cli("update-server", &[subcommand, &conn[..], rest].concat())
-    }
-
-    fn upload(&self, bundle: &Path) -> Result<()> {
-        self.cli(&["release", "upload"], &[&bundle.display().to_string()])
-            .map(drop)
-    }
-
-    /// Promotes in channel order (the server refuses to skip a channel).
-    fn promote(&self, version: &str, channel: &str) -> Result<()> {
-        self.cli(&["release", "promote"], &[version, "--channel", channel])
-            .map(drop)
-    }
-
-    /// channel -> instance (one host per channel in the demo).
-    fn instances(&self) -> Result<BTreeMap<String, Instance>> {
-        let list: serde_json::Value = serde_json::from_str(&self.cli(&["instances"], &["--json"])?)
-            .context("update-server instances --json: not JSON")?;
-        let mut out = BTreeMap::new();
-        for i in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-            let text = |k: &str| i[k].as_str().unwrap_or_default().to_string();
-            out.insert(
-                text("channel"),
-                Instance {
-                    machine_id: text("machine_id"),
-                    version: text("version"),
-                    status: text("status"),
-                },
-            );
-        }
-        Ok(out)
-    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -280,62 +188,28 @@ impl Instance {
     }
 }
 
-/// etcd and the reboot-coordinator with one reboot slot. Field order = drop order: the
-/// coordinator stops before etcd.
-struct Coordinator {
-    service: Service,
-    etcd: Service,
-    etcd_endpoint: String,
-    port: u16,
-}
-
-impl Coordinator {
-    fn start(work: &Path) -> Result<Coordinator> {
-        let dir = work.join("etcd");
-        std::fs::create_dir_all(&dir)?;
-        let (etcd, etcd_endpoint) = start_etcd(&dir)?;
-        let port = free_port()?;
-        let mut service = Service::start(ServiceConfig {
-            name: "reboot-coordinator".into(),
-            program: workspace_binary("reboot-coordinator")?,
-            args: vec![
-                "serve".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--etcd".into(),
-                etcd_endpoint.clone(),
-                "--default-slots".into(),
-                "1".into(),
-            ],
-            env: Vec::new(),
-            log: work.join("reboot-coordinator.log"),
-        })?;
-        service.wait_port(port, Duration::from_secs(60))?;
-        Ok(Coordinator {
-            service,
-            etcd,
-            etcd_endpoint,
-            port,
+/// The recent-activity lines of `reboot-coordinator status`: (event, machine id).
+fn activity(coordinator: &Coordinator) -> Result<Vec<(String, String, String)>> {
+    let status = run_cli(
+        "reboot-coordinator",
+        &[
+            "status",
+            "--etcd",
+            &coordinator.etcd_endpoint,
+            "--activity",
+            "100",
+        ],
+    )?;
+    Ok(status
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let at = w.next()?.parse::<u64>().ok()?;
+            let event = w.next()?.to_string();
+            let id = l.split_whitespace().find_map(|x| x.strip_prefix("id="))?;
+            Some((at.to_string(), event, id.to_string()))
         })
-    }
-
-    /// The recent-activity lines of `reboot-coordinator status`: (event, machine id).
-    fn activity(&self) -> Result<Vec<(String, String, String)>> {
-        let status = run_cli(
-            "reboot-coordinator",
-            &["status", "--etcd", &self.etcd_endpoint, "--activity", "100"],
-        )?;
-        Ok(status
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                let at = w.next()?.parse::<u64>().ok()?;
-                let event = w.next()?.to_string();
-                let id = l.split_whitespace().find_map(|x| x.strip_prefix("id="))?;
-                Some((at.to_string(), event, id.to_string()))
-            })
-            .collect())
-    }
+        .collect())
 }
 
 /// One demo host: a QEMU VM whose agent follows `channel`.
@@ -418,7 +292,7 @@ impl Observer<'_> {
             }
             h.seen += complete;
         }
-        let now = self.server.instances()?;
+        let now = instances(self.server)?;
         for (channel, inst) in &now {
             if self.instances.get(channel) != Some(inst) {
                 self.progress.say(format!(
@@ -443,7 +317,7 @@ impl Observer<'_> {
                 .iter()
                 .map(|(c, i)| (i.machine_id.as_str(), c.as_str()))
                 .collect();
-            for entry in self.coordinator.activity()? {
+            for entry in activity(self.coordinator)? {
                 if self.activity_seen.insert(entry.clone()) {
                     let who = names.get(entry.2.as_str()).copied().unwrap_or(&entry.2);
                     let what = match entry.1.as_str() {
@@ -503,13 +377,13 @@ fn run(opts: &Options, stop: &AtomicBool, progress: &Progress) -> Result<()> {
     check()?;
 
     progress.say("starting etcd and the reboot-coordinator (1 reboot slot)");
-    let coordinator = Coordinator::start(&work)?;
+    let coordinator = Coordinator::start_in(&work, 1)?;
     check()?;
     progress.say("starting the update-server");
-    let server = UpdateServer::start(&work, &keys.keyring)?;
+    let server = UpdateServer::start_in(&work, &keys.keyring)?;
     check()?;
 
-    let mut agent = AgentImageConfig::new(&guest_url(server.port(), "/v1/update/"), "stable");
+    let mut agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
     agent.reboot_strategy = "coordinated".into();
     agent.fleetlock_url = Some(guest_url(coordinator.port, ""));
     progress.say(format!(
@@ -528,7 +402,7 @@ fn run(opts: &Options, stop: &AtomicBool, progress: &Progress) -> Result<()> {
     progress.say(format!("publishing {OLD} on alpha, beta and stable"));
     server.upload(&old_bundle)?;
     for channel in CHANNELS {
-        server.promote(OLD, channel)?;
+        server.promote_in_order(OLD, channel)?;
     }
 
     let update_server = workspace_binary("update-server")?;
@@ -592,7 +466,7 @@ fn run(opts: &Options, stop: &AtomicBool, progress: &Progress) -> Result<()> {
         observer.check_stop()?;
         progress.say(format!("promoting {NEW} to {channel}"));
         let promoted = Instant::now();
-        server.promote(NEW, channel)?;
+        server.promote_in_order(NEW, channel)?;
         observer.wait(&mut hosts, &format!("{channel} updating to {NEW}"), |i| {
             i.get(channel).is_some_and(|i| i.complete_on(NEW))
         })?;
