@@ -61,6 +61,37 @@ impl Fixture {
         self.path(name).to_str().unwrap().to_string()
     }
 
+    /// Splits a command line on whitespace; `@name` stands for the path of `name` in the fixture.
+    fn argv(&self, spec: &str) -> Vec<String> {
+        spec.split_whitespace()
+            .map(|a| match a.strip_prefix('@') {
+                Some(name) => self.p(name),
+                None => a.to_string(),
+            })
+            .collect()
+    }
+
+    /// `ok` with an `argv` spec.
+    fn ok(&self, spec: &str) -> String {
+        ok(&self
+            .argv(spec)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>())
+    }
+
+    /// `fails` with an `argv` spec.
+    fn fails(&self, spec: &str, needles: &[&str]) -> String {
+        fails(
+            &self
+                .argv(spec)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            needles,
+        )
+    }
+
     fn keygen(&self, name: &str) -> String {
         ok(&[
             "keygen",
@@ -219,24 +250,12 @@ fn keygen_writes_openssl_readable_keys_and_never_overwrites() {
     assert_eq!(derived.stdout, f.read("k.pub"));
 
     let before = f.read("k");
-    fails(
-        &[
-            "keygen",
-            "--private",
-            &f.p("k"),
-            "--public",
-            &f.p("other.pub"),
-        ],
+    f.fails(
+        "keygen --private @k --public @other.pub",
         &["already exists", "refusing to overwrite"],
     );
-    fails(
-        &[
-            "keygen",
-            "--private",
-            &f.p("new"),
-            "--public",
-            &f.p("k.pub"),
-        ],
+    f.fails(
+        "keygen --private @new --public @k.pub",
         &["k.pub", "already exists"],
     );
     assert_eq!(f.read("k"), before);
@@ -320,16 +339,8 @@ fn build_is_reproducible_and_readable_by_squashfs_tools() {
 #[test]
 fn build_failure_leaves_no_output() {
     let f = Fixture::new();
-    fails(
-        &[
-            "build",
-            "--rootfs",
-            &f.p("missing"),
-            "--version",
-            "1.0.0",
-            "--out",
-            &f.p("o.img"),
-        ],
+    f.fails(
+        "build --rootfs @missing --version 1.0.0 --out @o.img",
         &["missing", "cannot read root directory"],
     );
     f.assert_only(&[]);
@@ -340,19 +351,18 @@ fn bundle_verify_inspect_round_trip() {
     let f = Fixture::standard();
     f.keyring("ring2", 2, &["k1", "k2", "k3"]);
     f.bundle("img", "b2", &["k1", "k2"]);
-    let out = ok(&["verify", "--keyring", &f.p("ring2"), &f.p("b2")]);
+    let out = f.ok("verify --keyring @ring2 @b2");
     assert!(out.contains("OK, version 1.2.3"), "{out}");
-    ok(&["verify", "--keyring", &f.p("ring"), &f.p("b")]);
+    f.ok("verify --keyring @ring @b");
 
     // Same inputs, same bundle bytes.
     f.bundle("img", "b3", &["k1", "k2"]);
     assert_eq!(f.read("b2"), f.read("b3"));
 
-    let human = ok(&["inspect", &f.p("b2")]);
+    let human = f.ok("inspect @b2");
     assert!(human.contains("os version:         1.2.3"), "{human}");
     assert!(human.contains("not verified"), "{human}");
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(&["inspect", "--json", &f.p("b2")])).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&f.ok("inspect --json @b2")).unwrap();
     assert_eq!(json["manifest"]["os_version"], "1.2.3");
     assert_eq!(json["manifest"]["image"]["size"], 600_000);
     assert_eq!(json["manifest"]["body"]["compression"], "zstd");
@@ -446,23 +456,13 @@ fn trailing_garbage() {
 fn wrong_key() {
     let f = Fixture::standard();
     f.keyring("ring_k2", 1, &["k2"]);
-    fails(
-        &["verify", "--keyring", &f.p("ring_k2"), &f.p("b")],
+    f.fails(
+        "verify --keyring @ring_k2 @b",
         &["0 valid signature(s)", "threshold is 1", "unknown key"],
     );
     // Bundling with a public key instead of a private one is refused, with no output.
-    fails(
-        &[
-            "bundle",
-            "--image",
-            &f.p("img"),
-            "--version",
-            "1.0.0",
-            "--key",
-            &f.p("k1.pub"),
-            "--out",
-            &f.p("nb"),
-        ],
+    f.fails(
+        "bundle --image @img --version 1.0.0 --key @k1.pub --out @nb",
         &["k1.pub", "private key"],
     );
     assert!(!f.path("nb").exists());
@@ -472,12 +472,12 @@ fn wrong_key() {
 fn too_few_signatures_for_threshold() {
     let f = Fixture::standard();
     f.keyring("ring2", 2, &["k1", "k2", "k3"]);
-    fails(
-        &["verify", "--keyring", &f.p("ring2"), &f.p("b")],
+    f.fails(
+        "verify --keyring @ring2 @b",
         &["1 valid signature(s)", "threshold is 2"],
     );
     f.bundle("img", "b13", &["k1", "k3"]);
-    ok(&["verify", "--keyring", &f.p("ring2"), &f.p("b13")]);
+    f.ok("verify --keyring @ring2 @b13");
 }
 
 #[test]
@@ -527,33 +527,19 @@ fn image_larger_than_declared() {
 #[test]
 fn empty_or_missing_keyring() {
     let f = Fixture::standard();
-    fails(
-        &["verify", "--keyring", &f.p("nope"), &f.p("b")],
-        &["nope", "No such file"],
-    );
+    f.fails("verify --keyring @nope @b", &["nope", "No such file"]);
     f.write("empty", b"");
-    fails(
-        &["verify", "--keyring", &f.p("empty"), &f.p("b")],
-        &["empty", "empty keyring"],
-    );
+    f.fails("verify --keyring @empty @b", &["empty", "empty keyring"]);
     f.write(
         "nokeys",
         br#"{"kind":"twinroot-keyring","serial":1,"threshold":1,"keys":[]}"#,
     );
-    fails(
-        &["verify", "--keyring", &f.p("nokeys"), &f.p("b")],
+    f.fails(
+        "verify --keyring @nokeys @b",
         &["nokeys", "empty keyring, it has no keys"],
     );
-    fails(
-        &[
-            "keyring",
-            "--public",
-            &f.p("k1.pub"),
-            "--threshold",
-            "2",
-            "--out",
-            &f.p("r2"),
-        ],
+    f.fails(
+        "keyring --public @k1.pub --threshold 2 --out @r2",
         &["threshold 2 is impossible with 1 key"],
     );
     assert!(!f.path("r2").exists());
@@ -575,53 +561,19 @@ fn keyring_rotation() {
         &f.p("new"),
     ];
     ok(&new_args);
-    ok(&[
-        "rotate-keyring",
-        "--current",
-        &f.p("old"),
-        "--new",
-        &f.p("new"),
-        "--key",
-        &f.p("k1"),
-        "--key",
-        &f.p("k2"),
-        "--out",
-        &f.p("rot"),
-    ]);
-    let out = ok(&[
-        "verify-rotation",
-        "--keyring",
-        &f.p("old"),
-        "--out",
-        &f.p("accepted"),
-        &f.p("rot"),
-    ]);
+    f.ok("rotate-keyring --current @old --new @new --key @k1 --key @k2 --out @rot");
+    let out = f.ok("verify-rotation --keyring @old --out @accepted @rot");
     assert!(out.contains("serial 2 accepted"), "{out}");
     assert_eq!(f.read("accepted"), f.read("new"));
     // One signature is below the old threshold.
-    fails(
-        &[
-            "rotate-keyring",
-            "--current",
-            &f.p("old"),
-            "--new",
-            &f.p("new"),
-            "--key",
-            &f.p("k1"),
-            "--out",
-            &f.p("rot1"),
-        ],
+    f.fails(
+        "rotate-keyring --current @old --new @new --key @k1 --out @rot1",
         &["1 valid signature(s)", "threshold is 2"],
     );
     assert!(!f.path("rot1").exists());
     // A rotation is not accepted twice (serial must increase).
-    fails(
-        &[
-            "verify-rotation",
-            "--keyring",
-            &f.p("accepted"),
-            &f.p("rot"),
-        ],
+    f.fails(
+        "verify-rotation --keyring @accepted @rot",
         &["rotation rejected"],
     );
 }
@@ -629,16 +581,7 @@ fn keyring_rotation() {
 #[test]
 fn disk_create_and_show() {
     let f = Fixture::standard();
-    ok(&[
-        "disk",
-        "create",
-        "--out",
-        &f.p("disk"),
-        "--slot-size",
-        "4M",
-        "--image",
-        &f.p("img"),
-    ]);
+    f.ok("disk create --out @disk --slot-size 4M --image @img");
     let out = Command::new("sgdisk")
         .args(["-v", &f.p("disk")])
         .output()
@@ -663,7 +606,7 @@ fn disk_create_and_show() {
         !fdisk_out.to_lowercase().contains("mismatch"),
         "{fdisk_out}"
     );
-    let show = ok(&["disk", "show", &f.p("disk")]);
+    let show = f.ok("disk show @disk");
     assert!(
         show.contains("slot a (USR-A, partition 3): priority=1 tries=0 successful=1"),
         "{show}"
@@ -672,8 +615,7 @@ fn disk_create_and_show() {
         show.contains("slot b (USR-B, partition 4): priority=0 tries=0 successful=0"),
         "{show}"
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "show", "--json", &f.p("disk")])).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&f.ok("disk show --json @disk")).unwrap();
     let offset = json["slots"][0]["offset"].as_u64().unwrap() as usize;
     let disk = f.read("disk");
     let image = f.read("img");
@@ -690,20 +632,11 @@ fn disk_create_and_show() {
     );
 
     // An image that does not fit: error, and no disk file appears.
-    fails(
-        &[
-            "disk",
-            "create",
-            "--out",
-            &f.p("small"),
-            "--slot-size",
-            "64K",
-            "--image",
-            &f.p("img"),
-        ],
+    f.fails(
+        "disk create --out @small --slot-size 64K --image @img",
         &["img", "larger than the slot size"],
     );
-    fails(&["disk", "show", &f.p("img")], &["img"]);
+    f.fails("disk show @img", &["img"]);
     f.assert_only(&[
         "b", "disk", "img", "k1", "k1.pub", "k2", "k2.pub", "k3", "k3.pub", "ring",
     ]);
@@ -715,91 +648,32 @@ fn failed_commands_leave_no_output() {
     let standard = [
         "b", "img", "k1", "k1.pub", "k2", "k2.pub", "k3", "k3.pub", "ring",
     ];
-    fails(
-        &[
-            "bundle",
-            "--image",
-            &f.p("nope"),
-            "--version",
-            "1.0.0",
-            "--key",
-            &f.p("k1"),
-            "--out",
-            &f.p("o"),
-        ],
+    f.fails(
+        "bundle --image @nope --version 1.0.0 --key @k1 --out @o",
         &["nope", "cannot open image"],
     );
-    fails(
-        &[
-            "bundle",
-            "--image",
-            &f.p("img"),
-            "--version",
-            "1.0.0",
-            "--key",
-            &f.p("k1"),
-            "--key",
-            &f.p("k1"),
-            "--out",
-            &f.p("o"),
-        ],
+    f.fails(
+        "bundle --image @img --version 1.0.0 --key @k1 --key @k1 --out @o",
         &["given twice"],
     );
-    fails(
-        &[
-            "keyring",
-            "--public",
-            &f.p("k1"),
-            "--threshold",
-            "1",
-            "--out",
-            &f.p("o"),
-        ],
+    f.fails(
+        "keyring --public @k1 --threshold 1 --out @o",
         &["k1", "not an ed25519 public key"],
     );
-    fails(
-        &[
-            "disk",
-            "create",
-            "--out",
-            &f.p("o"),
-            "--slot-size",
-            "4M",
-            "--image",
-            &f.p("nope"),
-        ],
+    f.fails(
+        "disk create --out @o --slot-size 4M --image @nope",
         &["nope"],
     );
-    fails(
-        &[
-            "bundle",
-            "--image",
-            &f.p("img"),
-            "--version",
-            "x.y",
-            "--key",
-            &f.p("k1"),
-            "--out",
-            &f.p("o"),
-        ],
+    f.fails(
+        "bundle --image @img --version x.y --key @k1 --out @o",
         &["x.y"],
     );
     f.assert_only(&standard);
 
     // A failed bundle over an existing file leaves the old file untouched.
     let before = f.read("b");
-    fails(
-        &[
-            "bundle",
-            "--image",
-            &f.p("img"),
-            "--version",
-            "1.0.0",
-            "--key",
-            &f.p("k1.pub"),
-            "--out",
-            &f.p("b"),
-        ],
+    f.fails(
+        "bundle --image @img --version 1.0.0 --key @k1.pub --out @b",
         &["k1.pub"],
     );
     assert_eq!(f.read("b"), before);
