@@ -35,6 +35,17 @@ impl Lab {
     pub fn path(&self) -> &Path {
         self.dir.as_ref().expect("work dir").path()
     }
+
+    /// A host disk `name` with `image` in slot A, marked good (slot B empty).
+    pub fn disk_on(&self, name: &str, image: &Path) -> Result<twinroot_qemu::harness::HostDisk> {
+        let disk = self.kit.disk(name)?;
+        disk.write_slot(twinroot_format::slot::SlotName::A, image)?;
+        disk.set_attrs(
+            twinroot_format::slot::SlotName::A,
+            twinroot_qemu::harness::GOOD,
+        )?;
+        Ok(disk)
+    }
 }
 
 impl Drop for Lab {
@@ -139,6 +150,21 @@ impl UpdateServer {
     pub fn upload(&self, bundle: &Path) -> Result<()> {
         self.cli(&["release", "upload"], &[&bundle.display().to_string()])
             .map(drop)
+    }
+
+    /// Bundles `image` as `version` (next to the image), uploads it and promotes it to `channel`
+    /// (skipping the channel order).
+    pub fn publish(
+        &self,
+        keys: &twinroot_qemu::harness::SigningSetup,
+        image: &Path,
+        version: &str,
+        channel: &str,
+    ) -> Result<()> {
+        let bundle = image.with_extension("bundle");
+        keys.bundle(image, version, &bundle)?;
+        self.upload(&bundle)?;
+        self.promote(version, channel)
     }
 
     /// Promotes `version` to `channel`, skipping the channel order.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use twinroot_e2e::{BOOT_TIMEOUT, Lab};
 use twinroot_format::slot::{SlotAttrs, SlotName, staged};
-use twinroot_qemu::harness::{GOOD, Host, HostDisk, SigningSetup, workspace_binary};
-use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, ExtraFile};
+use twinroot_qemu::harness::{GOOD, Host, HostDisk, SigningSetup};
+use twinroot_qemu::rootfs::{AgentImageConfig, ExtraFile};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
 
@@ -24,16 +24,7 @@ fn agent_image(
     version: &str,
     files: Vec<ExtraFile>,
 ) -> Result<PathBuf> {
-    let mut spec = lab.kit.rootfs(version);
-    spec.include_kernel = false;
-    spec.keyring = Some(std::fs::read(&keys.keyring)?);
-    spec.agent = Some(AgentSpec {
-        binary: workspace_binary("update-agent")?,
-        args: vec!["daemon".into()],
-        config: AgentImageConfig::offline().to_toml(),
-    });
-    spec.files = files;
-    lab.kit.image(&format!("v{version}"), &spec)
+    twinroot_e2e::agent_image(lab, keys, &AgentImageConfig::offline(), version, files)
 }
 
 /// A disk with `a` good in slot A and `b` staged in slot B (priority 2, one try).

@@ -12,8 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail, ensure};
 use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer, agent_image, poll_until};
-use twinroot_format::slot::SlotName;
-use twinroot_qemu::harness::{GOOD, Host, SigningSetup, guest_url};
+use twinroot_qemu::harness::{Host, SigningSetup, guest_url};
 use twinroot_qemu::rootfs::{AgentImageConfig, ExtraFile};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
@@ -36,10 +35,7 @@ fn bad_release_halts_the_rollout_after_one_failure_and_the_others_stay_on_v1() -
             "echo app of v3 does not start; exit 1",
         )],
     )?;
-    let bundle = lab.path().join("v3.bundle");
-    keys.bundle(&v3, "3.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("3.0.0", "stable")?;
+    server.publish(&keys, &v3, "3.0.0", "stable")?;
     server.cli(
         &["rollout", "set"],
         &[
@@ -57,9 +53,7 @@ fn bad_release_halts_the_rollout_after_one_failure_and_the_others_stay_on_v1() -
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         let name = format!("host{i}");
-        let disk = lab.kit.disk(&name)?;
-        disk.write_slot(SlotName::A, &v1)?;
-        disk.set_attrs(SlotName::A, GOOD)?;
+        let disk = lab.disk_on(&name, &v1)?;
         hosts.push((Host::start(lab.kit.host(&name, &disk))?, disk));
     }
     for (host, _) in &mut hosts {

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer, agent_image, poll_until};
-use twinroot_format::slot::SlotName;
-use twinroot_qemu::harness::{GOOD, Host, SigningSetup, guest_url};
+use twinroot_qemu::harness::{Host, SigningSetup, guest_url};
 use twinroot_qemu::rootfs::AgentImageConfig;
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
@@ -40,17 +39,12 @@ fn three_hosts_one_slot_reboot_one_at_a_time_and_all_reach_v2() -> Result<()> {
     agent.fleetlock_url = Some(guest_url(coordinator.port, ""));
     let v1 = agent_image(&lab, &keys, &agent, "1.0.0", vec![])?;
     let v2 = agent_image(&lab, &keys, &agent, "2.0.0", vec![])?;
-    let bundle = lab.path().join("v2.bundle");
-    keys.bundle(&v2, "2.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("2.0.0", "stable")?;
+    server.publish(&keys, &v2, "2.0.0", "stable")?;
 
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         let name = format!("host{i}");
-        let disk = lab.kit.disk(&name)?;
-        disk.write_slot(SlotName::A, &v1)?;
-        disk.set_attrs(SlotName::A, GOOD)?;
+        let disk = lab.disk_on(&name, &v1)?;
         hosts.push((name.clone(), disk.clone(), lab.kit.host(&name, &disk)));
     }
     let started = Instant::now();

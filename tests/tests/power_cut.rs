@@ -55,10 +55,7 @@ fn power_cut_mid_write_boots_v1_and_the_update_completes_after_restart() -> Resu
         "v2 image is only {} bytes: the padding was compressed away",
         v2_bytes.len()
     );
-    let bundle = lab.path().join("v2.bundle");
-    keys.bundle(&v2, "2.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("2.0.0", "stable")?;
+    server.publish(&keys, &v2, "2.0.0", "stable")?;
 
     let disk = HostDisk::create(&lab.path().join("host.disk"), &LAYOUT)?;
     disk.write_slot(SlotName::A, &v1)?;

@@ -9,10 +9,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer};
-use twinroot_format::slot::{SlotAttrs, SlotName};
-use twinroot_qemu::harness::{GOOD, Host, SigningSetup, guest_url, workspace_binary};
-use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec, ExtraFile, InitBehaviour, PANIC_LINE};
+use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer, agent_image};
+use twinroot_format::slot::SlotAttrs;
+use twinroot_qemu::harness::{Host, SigningSetup, guest_url};
+use twinroot_qemu::rootfs::{AgentImageConfig, ExtraFile, InitBehaviour, PANIC_LINE};
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
 
@@ -23,27 +23,14 @@ fn broken_release_panics_and_the_host_comes_back_on_its_own() -> Result<()> {
     let server = UpdateServer::start(&lab, &keys.keyring)?;
     let agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
 
-    let mut v1 = lab.kit.rootfs("1.0.0");
-    v1.include_kernel = false;
-    v1.keyring = Some(std::fs::read(&keys.keyring)?);
-    v1.agent = Some(AgentSpec {
-        binary: workspace_binary("update-agent")?,
-        args: vec!["daemon".into()],
-        config: agent.to_toml(),
-    });
-    let v1 = lab.kit.image("v1", &v1)?;
+    let v1 = agent_image(&lab, &keys, &agent, "1.0.0", vec![])?;
     let mut v4 = lab.kit.rootfs("4.0.0");
     v4.include_kernel = false;
     v4.init = InitBehaviour::Panic;
     let v4 = lab.kit.image("v4", &v4)?;
-    let bundle = lab.path().join("v4.bundle");
-    keys.bundle(&v4, "4.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("4.0.0", "stable")?;
+    server.publish(&keys, &v4, "4.0.0", "stable")?;
 
-    let disk = lab.kit.disk("host")?;
-    disk.write_slot(SlotName::A, &v1)?;
-    disk.set_attrs(SlotName::A, GOOD)?;
+    let disk = lab.disk_on("host", &v1)?;
     let started = Instant::now();
     let mut host = Host::start(lab.kit.host("host", &disk))?;
     host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
@@ -99,18 +86,7 @@ fn release_failing_its_health_check_is_reverted_and_reported() -> Result<()> {
     let keys = SigningSetup::generate(lab.path())?;
     let server = UpdateServer::start(&lab, &keys.keyring)?;
     let agent = AgentImageConfig::new(&guest_url(server.port, "/v1/update/"), "stable");
-    let image = |version: &str, files: Vec<ExtraFile>| -> Result<std::path::PathBuf> {
-        let mut spec = lab.kit.rootfs(version);
-        spec.include_kernel = false;
-        spec.keyring = Some(std::fs::read(&keys.keyring)?);
-        spec.agent = Some(AgentSpec {
-            binary: workspace_binary("update-agent")?,
-            args: vec!["daemon".into()],
-            config: agent.to_toml(),
-        });
-        spec.files = files;
-        lab.kit.image(&format!("v{version}"), &spec)
-    };
+    let image = |version: &str, files| agent_image(&lab, &keys, &agent, version, files);
     let v1 = image("1.0.0", vec![])?;
     let v3 = image(
         "3.0.0",
@@ -119,14 +95,9 @@ fn release_failing_its_health_check_is_reverted_and_reported() -> Result<()> {
             "echo app of v3 does not start; exit 1",
         )],
     )?;
-    let bundle = lab.path().join("v3.bundle");
-    keys.bundle(&v3, "3.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("3.0.0", "stable")?;
+    server.publish(&keys, &v3, "3.0.0", "stable")?;
 
-    let disk = lab.kit.disk("host")?;
-    disk.write_slot(SlotName::A, &v1)?;
-    disk.set_attrs(SlotName::A, GOOD)?;
+    let disk = lab.disk_on("host", &v1)?;
     let mut host = Host::start(lab.kit.host("host", &disk))?;
     host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
     host.wait_for("update staged version=3.0.0", BOOT_TIMEOUT)?;

@@ -7,33 +7,14 @@
 //! Needs the `update-agent`, `update-server` and `reboot-coordinator` binaries of the same profile
 //! (`scripts/test` builds all binaries first).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer};
-use twinroot_format::slot::SlotName;
-use twinroot_qemu::harness::{GOOD, Host, HostDisk, SigningSetup, guest_url, workspace_binary};
-use twinroot_qemu::rootfs::{AgentImageConfig, AgentSpec};
+use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer, agent_image};
+use twinroot_qemu::harness::{Host, HostDisk, SigningSetup, guest_url};
+use twinroot_qemu::rootfs::AgentImageConfig;
 
 const SELECTOR: &str = env!("CARGO_BIN_EXE_twinroot-e2e-boot");
-
-fn image(
-    lab: &Lab,
-    keys: &SigningSetup,
-    agent: &AgentImageConfig,
-    version: &str,
-) -> Result<PathBuf> {
-    let mut spec = lab.kit.rootfs(version);
-    spec.include_kernel = false;
-    spec.keyring = Some(std::fs::read(&keys.keyring)?);
-    spec.agent = Some(AgentSpec {
-        binary: workspace_binary("update-agent")?,
-        args: vec!["daemon".into()],
-        config: agent.to_toml(),
-    });
-    lab.kit.image(&format!("v{version}"), &spec)
-}
 
 /// Publishes v2, boots a v1 host and waits until it is Complete on v2; returns the disk.
 fn update_v1_to_v2(
@@ -42,16 +23,11 @@ fn update_v1_to_v2(
     keys: &SigningSetup,
     server: &UpdateServer,
 ) -> Result<HostDisk> {
-    let v1 = image(lab, keys, agent, "1.0.0")?;
-    let v2 = image(lab, keys, agent, "2.0.0")?;
-    let bundle = lab.path().join("v2.bundle");
-    keys.bundle(&v2, "2.0.0", &bundle)?;
-    server.upload(&bundle)?;
-    server.promote("2.0.0", &agent.track)?;
+    let v1 = agent_image(lab, keys, agent, "1.0.0", vec![])?;
+    let v2 = agent_image(lab, keys, agent, "2.0.0", vec![])?;
+    server.publish(keys, &v2, "2.0.0", &agent.track)?;
 
-    let disk = lab.kit.disk("host")?;
-    disk.write_slot(SlotName::A, &v1)?;
-    disk.set_attrs(SlotName::A, GOOD)?;
+    let disk = lab.disk_on("host", &v1)?;
     let started = Instant::now();
     let mut host = Host::start(lab.kit.host("host", &disk))?;
     host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
