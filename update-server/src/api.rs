@@ -225,7 +225,7 @@ async fn receive_and_store(
     tokio::fs::rename(tmp, &dest)
         .await
         .map_err(|e| internal(anyhow::anyhow!("cannot store {}: {e}", dest.display())))?;
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     let row = ReleaseRow {
         version: verified.version.clone(),
         sha256,
@@ -274,7 +274,7 @@ async fn promote(
     Path(version): Path<String>,
     Json(body): Json<PromoteBody>,
 ) -> ApiResult {
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     // Read before the transaction: on SQLite the pool has one connection, which the
     // transaction holds.
     let channels = s.store.channels().await.or_500()?;
@@ -388,7 +388,7 @@ async fn rollouts_with_percent(
     s: &Shared,
     channel: Option<&str>,
 ) -> Result<Vec<serde_json::Value>> {
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     let channels = s.store.channels().await?;
     Ok(s.store
         .rollouts(channel)
@@ -450,7 +450,7 @@ async fn set_rollout(
             "group name longer than 64",
         ));
     }
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     let mut tx = s.store.begin().await.or_500()?;
     let Some(ch) = Store::channel_in(&mut tx, &channel).await.or_500()? else {
         return Err(json_error(
@@ -535,7 +535,7 @@ async fn resume(
 
 async fn set_pause(s: Shared, channel: String, body: PauseBody, paused: bool) -> ApiResult {
     let group = body.group.unwrap_or_default();
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     let reason = body
         .reason
         .unwrap_or_else(|| "paused by an operator".to_string());
@@ -551,7 +551,7 @@ async fn set_pause(s: Shared, channel: String, body: PauseBody, paused: bool) ->
     .or_500()?;
     if changed && !paused {
         // Failures before the resume were judged already; count afresh from here.
-        let now_ms = chrono::Utc::now().timestamp_millis() + 1;
+        let now_ms = s.now_millis() + 1;
         Store::reset_counts_since(&mut tx, &channel, &group, now_ms)
             .await
             .or_500()?;
@@ -633,7 +633,7 @@ struct TimelineQuery {
 }
 
 async fn timeline(State(s): State<Shared>, Query(q): Query<TimelineQuery>) -> ApiResult {
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     let rows = s
         .store
         .status_timeline(

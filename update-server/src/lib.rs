@@ -2,13 +2,14 @@
 //! automatic halt, and an admin API.
 //!
 //! Codemap: [`policy`] (pure rollout decision), [`store`] (SQLite/PostgreSQL), [`checkin`]
-//! (Omaha endpoint logic), [`server`] (HTTP wiring), [`api`] (admin REST), [`payload`] (Range/ETag
-//! downloads), [`release`] (bundle verification and blob storage), [`metrics`], [`cli`] (the
-//! client subcommands).
+//! (Omaha endpoint logic), [`clock`] (the server clock, optionally sped up), [`server`] (HTTP
+//! wiring), [`api`] (admin REST), [`payload`] (Range/ETag downloads), [`release`] (bundle
+//! verification and blob storage), [`metrics`], [`cli`] (the client subcommands).
 
 pub mod api;
 pub mod checkin;
 pub mod cli;
+pub mod clock;
 pub mod dashboard;
 pub mod metrics;
 pub mod openapi;

@@ -94,6 +94,13 @@ struct ServeArgs {
     /// This server's public URL, used in payload URLs (default: the request's Host header).
     #[arg(long)]
     public_url: Option<String>,
+    /// Run the server's clock this many times faster than real time (demos, simulations): ramps,
+    /// windows, timeouts and metrics windows all follow it.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = update_server::clock::parse_scale)]
+    time_scale: f64,
+    /// Base URL of the FleetLock reboot coordinator the fleet uses (shown on the dashboard).
+    #[arg(long, value_parser = update_server::server::parse_coordinator_url)]
+    coordinator: Option<reqwest::Url>,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +265,8 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.app_id = a.app_id;
             cfg.payload_base_url = a.payload_base_url;
             cfg.public_url = a.public_url;
+            cfg.time_scale = a.time_scale;
+            cfg.coordinator = a.coordinator;
             cli::serve(a.listen, cfg).await
         }
         Command::Token {

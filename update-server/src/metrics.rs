@@ -27,7 +27,7 @@ fn label(v: &str) -> String {
 
 async fn render(s: &AppState) -> Result<String> {
     let mut out = String::new();
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
 
     out.push_str("# HELP twinroot_hosts Hosts by channel, group, version and status.\n# TYPE twinroot_hosts gauge\n");
     for (l, n) in s

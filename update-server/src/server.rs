@@ -18,6 +18,7 @@ use twinroot_format::keyring::Keyring;
 use twinroot_format::omaha;
 
 use crate::checkin::{self, Checkins, OmahaConfig};
+use crate::clock::ServerClock;
 use crate::store::Store;
 use crate::{api, metrics, payload, release};
 
@@ -42,6 +43,23 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Largest bundle upload accepted.
     pub max_upload_bytes: u64,
+    /// How much faster than the wall clock the server's clock runs (1.0 = real time).
+    pub time_scale: f64,
+    /// Base URL of the FleetLock reboot coordinator the fleet uses, if any (shown on the
+    /// dashboard).
+    pub coordinator: Option<reqwest::Url>,
+}
+
+/// Parses `--coordinator`: an http(s) base URL.
+pub fn parse_coordinator_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(s.trim())
+        .map_err(|e| format!("coordinator URL {s:?} is invalid: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "coordinator URL {s:?} must be http:// or https:// with a host"
+        ));
+    }
+    Ok(url)
 }
 
 impl ServerConfig {
@@ -54,6 +72,8 @@ impl ServerConfig {
             payload_base_url: None,
             public_url: None,
             max_upload_bytes: 16 << 30,
+            time_scale: 1.0,
+            coordinator: None,
         }
     }
 
@@ -86,12 +106,34 @@ pub struct AppState {
     pub keyring: Option<Keyring>,
     pub omaha: OmahaConfig,
     pub counters: Counters,
+    /// The clock every time-dependent decision reads (see [`ServerClock`]).
+    pub clock: ServerClock,
+    /// Base URL of the FleetLock reboot coordinator (`serve --coordinator`).
+    pub coordinator: Option<reqwest::Url>,
+}
+
+impl AppState {
+    /// The server's now, Unix seconds (virtual time when `--time-scale` is not 1).
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// The server's now, Unix milliseconds.
+    pub fn now_millis(&self) -> i64 {
+        self.clock.now_millis()
+    }
+
+    /// The server's now as a date.
+    pub fn now_utc(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now_utc()
+    }
 }
 
 pub type Shared = Arc<AppState>;
 
 /// Opens the store and keyring for a configuration.
 pub async fn open_state(config: ServerConfig) -> Result<Shared> {
+    let clock = ServerClock::new(config.time_scale)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     release::ensure_dirs(&config.data_dir)?;
@@ -109,9 +151,11 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
             app_id: config.app_id.clone(),
             server_name: "twinroot-update-server".to_string(),
         },
+        coordinator: config.coordinator.clone(),
         config,
         keyring,
         counters: Counters::default(),
+        clock,
     }))
 }
 
@@ -194,15 +238,7 @@ async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: B
         }
     };
     let base = codebase(&state, &headers);
-    match checkin::handle(
-        &state.checkins,
-        &state.omaha,
-        &req,
-        &base,
-        chrono::Utc::now(),
-    )
-    .await
-    {
+    match checkin::handle(&state.checkins, &state.omaha, &req, &base, state.now_utc()).await {
         Ok((resp, summary)) => {
             let c = &state.counters;
             c.grants

@@ -420,3 +420,37 @@ async fn cli_subcommands_drive_the_api() {
     assert_eq!(v[0]["machine_id"], "cli-host");
     p.terminate();
 }
+
+#[test]
+fn serve_refuses_bad_time_scales_and_coordinator_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    for (flag, value, says) in [
+        ("--time-scale", "0", "greater than 0"),
+        ("--time-scale", "-2", "greater than 0"),
+        ("--time-scale", "NaN", "finite"),
+        ("--time-scale", "inf", "finite"),
+        ("--time-scale", "fast", "not a number"),
+        ("--coordinator", "ftp://coord", "http:// or https://"),
+        ("--coordinator", "not a url", "invalid"),
+    ] {
+        let err = cli_fails(
+            "http://127.0.0.1:1",
+            "",
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+                flag,
+                value,
+            ],
+        );
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+}

@@ -766,3 +766,40 @@ async fn concurrent_check_ins_respect_limits_within_a_batch() {
     assert!(later.is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn time_scale_speeds_up_ramps_and_timestamps() {
+    // One virtual hour per real second.
+    let s = TestServer::start_with(|c| c.time_scale = 3600.0).await;
+    s.release_on("2.0.0", "stable").await;
+    set_policy(
+        &s,
+        "stable",
+        None,
+        json!({"start_percent": 0, "ramp": {"kind": "linear", "duration_secs": 3600}}),
+    )
+    .await;
+    // A one-hour ramp reaches 100% after about one real second (at real time: an hour).
+    wait_for(60, "the one-hour ramp to reach 100%", || async {
+        let r = s.get("/api/v1/rollouts/stable").await;
+        (r["current_percent"].as_f64() == Some(100.0)).then_some(())
+    })
+    .await;
+    for i in 0..10 {
+        let r = s
+            .omaha(&ue_request(&format!("t{i}"), "1.0.0", "stable", vec![]))
+            .await;
+        assert!(granted(&r).is_some(), "host t{i} held at 100%");
+    }
+    // Timestamps follow the virtual clock: the host's last check-in and the activity entry of a
+    // pause lie more than half an hour ahead of the wall clock.
+    s.post("/api/v1/rollouts/stable/pause", json!({})).await;
+    let real = chrono::Utc::now().timestamp();
+    let act = s.get("/api/v1/activity?limit=1").await;
+    assert_eq!(act[0]["kind"], "rollout_paused");
+    assert!(act[0]["at"].as_i64().unwrap() > real + 1800, "{act}");
+    let hosts = s.get("/api/v1/instances").await;
+    assert!(hosts[0]["last_seen"].as_i64().unwrap() > real + 1800);
+    assert!(s.state.now() > real + 1800);
+    s.stop().await;
+}
