@@ -231,6 +231,11 @@ impl Install<'_> {
                 && c.image_offset <= manifest.image.size
                 && c.body_offset <= manifest.body.size
         });
+        if resume.is_some() {
+            // Hang up on the full response at once: what it sends past the header is not needed,
+            // and everything it pushes while the slot is re-hashed would be wasted download.
+            reader = Box::new(io::empty());
+        }
 
         // The slot about to be written can never be booted from here on.
         self.slots
@@ -261,7 +266,6 @@ impl Install<'_> {
                 })?;
                 sink.seek_to(c.image_offset)
                     .map_err(|e| AgentError::new(ErrorKind::Disk, e.to_string()))?;
-                drop(reader);
                 reader = self.source.open_at(header.header_len() + c.body_offset)?;
                 tracing::info!(version = %version, body_offset = c.body_offset, image_offset = c.image_offset, "resuming download");
                 (c.body_offset, c.image_offset)
@@ -327,7 +331,13 @@ impl Install<'_> {
                 ),
             ));
         }
-        tracing::debug!(elapsed = ?started.elapsed(), "read back");
+        tracing::info!(
+            slot = %target.name(),
+            bytes = n,
+            from = if self.policy.readback_from_medium { "medium" } else { "page cache" },
+            elapsed = ?started.elapsed(),
+            "slot read back after fsync: matches the signed image digest"
+        );
         // Only now: make it the next boot.
         let current = self.slots.slots()?;
         let (new, other) =

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use twinroot_format::slot::{SlotAttrs, SlotName, choose_boot};
 use update_agent::apply::{Install, InstallPolicy};
@@ -33,6 +35,11 @@ fn setup(slot_size: u64) -> Setup {
 
 impl Setup {
     fn install(&self, bundle: &str, extra: &[&str]) -> std::process::Output {
+        self.install_command(bundle, extra).output().unwrap()
+    }
+
+    /// `update-agent install` of `bundle` on this disk, with slot A booted at 1.0.0.
+    fn install_command(&self, bundle: &str, extra: &[&str]) -> std::process::Command {
         let state = self.dir.path().join("state");
         let mut args = vec![
             "install",
@@ -49,7 +56,7 @@ impl Setup {
         ];
         args.extend_from_slice(extra);
         args.push(bundle);
-        run_agent(&self.conf, &args)
+        agent_command(&self.conf, &args)
     }
 
     fn bundle(&self, version: &str, img: &[u8]) -> Vec<u8> {
@@ -193,6 +200,169 @@ fn resumes_after_an_agent_restart_from_the_saved_offset() {
     let ranges: Vec<u64> = server.seen().iter().filter_map(|s| s.range).collect();
     assert_eq!(ranges, vec![hl + checkpoint.body_offset]);
     assert_eq!(slot_bytes(&t.disk, SlotName::B, img.len() as u64), img);
+    assert!(t.state().download.is_none());
+}
+
+/// A bundle as `image-tool bundle` writes it (independent zstd frames of
+/// `FRAME_IMAGE_BYTES` of image each), and the body offsets where its frames end.
+fn real_bundle(t: &Setup, version: &str, img: &[u8]) -> (Vec<u8>, Vec<u64>) {
+    let mut scratch = std::io::Cursor::new(Vec::new());
+    let mut out = Vec::new();
+    twinroot_format::bundle::write_bundle(
+        img,
+        &twinroot_format::bundle::ReleaseInfo {
+            os_version: version.parse().unwrap(),
+            created_unix: 1_700_000_000,
+            min_source_version: None,
+            board: None,
+        },
+        &t.keys.signing,
+        3,
+        &mut scratch,
+        &mut out,
+    )
+    .unwrap();
+    let mut body = &out[header_len(&out) as usize..];
+    let mut ends = Vec::new();
+    let mut at = 0u64;
+    while !body.is_empty() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(body).unwrap();
+        at += n as u64;
+        ends.push(at);
+        body = &body[n..];
+    }
+    (out, ends)
+}
+
+/// SIGKILL of a real `update-agent install URL` in the middle of a throttled download of a
+/// multi-frame bundle; the next run continues from the last frame boundary it recorded.
+#[test]
+fn resumes_a_multi_frame_download_after_sigkill() {
+    use twinroot_format::bundle::FRAME_IMAGE_BYTES;
+    let t = setup(112 * MIB);
+    let a_digest = slot_digest(&t.disk, SlotName::A);
+    let img = image(104 * MIB as usize, 12);
+    let (bundle, frame_ends) = real_bundle(&t, "2.0.0", &img);
+    assert_eq!(frame_ends.len(), 4, "frames of 32 MiB: {frame_ends:?}");
+    let hl = header_len(&bundle);
+    let body_len = bundle.len() as u64 - hl;
+    let server = TestServer::start();
+    server.put("/big.tbdl", bundle);
+    server.throttle(32 * MIB);
+    // A safety net: whatever the machine's speed, the first run cannot finish before the kill.
+    server.hold_at(hl + frame_ends[2] + 1000);
+    let url = server.url("/big.tbdl");
+
+    let mut first = t.install_command(&url, &[]).spawn().unwrap();
+    // Until the state file records a checkpoint past the first frame, slot B is never bootable.
+    let mut checkpoint = None;
+    wait_for(
+        "a checkpoint past the first frame",
+        Duration::from_secs(120),
+        || {
+            assert!(
+                !slots(&t.disk)[1].attrs.is_bootable(),
+                "slot B bootable during the download"
+            );
+            checkpoint = t.state().download.filter(|d| d.image_offset > 0);
+            assert!(
+                first.try_wait().unwrap().is_none(),
+                "the first agent ended before it was killed"
+            );
+            checkpoint.is_some()
+        },
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = first.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the first agent ended on its own: {status:?}"
+    );
+    server.release();
+    let served_first = server.served_bytes();
+    assert!(
+        served_first < hl + body_len,
+        "the whole bundle went out before the kill"
+    );
+
+    // The interruption: A untouched and booted, B unbootable, a checkpoint at a frame boundary.
+    t.assert_untouched_a_and_unbootable_b(a_digest, "after SIGKILL");
+    let c = t.state().download.expect("checkpoint survives SIGKILL");
+    assert_eq!((c.version.as_str(), c.slot.as_str()), ("2.0.0", "b"));
+    assert!(c.body_offset > 0, "{c:?}");
+    let frame = frame_ends
+        .iter()
+        .position(|e| *e == c.body_offset)
+        .unwrap_or_else(|| {
+            panic!(
+                "body offset {} is no frame end of {frame_ends:?}",
+                c.body_offset
+            )
+        });
+    assert_eq!(
+        c.image_offset,
+        (frame as u64 + 1) * FRAME_IMAGE_BYTES,
+        "{c:?}"
+    );
+    assert_eq!(
+        slot_bytes(&t.disk, SlotName::B, c.image_offset)[..],
+        img[..c.image_offset as usize],
+        "the checkpointed part of slot B"
+    );
+
+    // A new agent process picks up there.
+    let gets_before = server.seen().len();
+    let second = t
+        .install_command(&url, &[])
+        .env("UPDATE_AGENT_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", text(&second));
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains(&format!("resumed at image byte {}", c.image_offset)),
+        "{}",
+        text(&second)
+    );
+    let ranges: Vec<Option<u64>> = server.seen()[gets_before..]
+        .iter()
+        .map(|s| s.range)
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![None, Some(hl + c.body_offset)],
+        "header, then the body from the checkpoint"
+    );
+    let served = server.served_bytes();
+    assert!(
+        served < (hl + body_len) * 3 / 2,
+        "served {served} bytes in all for a {body_len}-byte body"
+    );
+    assert!(
+        served - served_first < body_len,
+        "the second run fetched {} bytes: not a resume",
+        served - served_first
+    );
+
+    // The slot is the image, marked only after its read-back.
+    assert_eq!(
+        slot_digest_len(&t.disk, SlotName::B, img.len() as u64),
+        sha256(&img)
+    );
+    let log = String::from_utf8_lossy(&second.stderr);
+    let read_back = log
+        .find("slot read back")
+        .unwrap_or_else(|| panic!("{log}"));
+    let staged = log.find("update staged").unwrap_or_else(|| panic!("{log}"));
+    assert!(read_back < staged, "{log}");
+    let s = slots(&t.disk);
+    assert_eq!(choose_boot(&s).unwrap().slot, SlotName::B);
+    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
     assert!(t.state().download.is_none());
 }
 

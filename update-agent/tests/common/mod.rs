@@ -38,6 +38,13 @@ struct Shared {
     cuts: VecDeque<u64>,
     post: Option<PostHandler>,
     seen: Vec<Seen>,
+    /// GET bodies are sent at most this many bytes per second.
+    rate: Option<u64>,
+    /// The next GET that reaches this file offset stops there until [`TestServer::release`].
+    hold_at: Option<u64>,
+    held: bool,
+    /// File bytes GET responses wrote into their sockets, over all requests.
+    served: u64,
 }
 
 /// A real HTTP server on 127.0.0.1:0, one thread per connection, stopped on drop.
@@ -129,6 +136,36 @@ impl TestServer {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.lock().unwrap().seen.clone()
+    }
+
+    /// Sends GET bodies at most `bytes_per_second`.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.shared.lock().unwrap().rate = Some(bytes_per_second);
+    }
+
+    /// The next GET response that gets to file offset `offset` stalls there until
+    /// [`TestServer::release`].
+    pub fn hold_at(&self, offset: u64) {
+        let mut s = self.shared.lock().unwrap();
+        s.hold_at = Some(offset);
+        s.held = false;
+    }
+
+    /// Whether a response is stalled at the hold offset.
+    pub fn holding(&self) -> bool {
+        self.shared.lock().unwrap().held
+    }
+
+    /// Lets a stalled response go on.
+    pub fn release(&self) {
+        let mut s = self.shared.lock().unwrap();
+        s.hold_at = None;
+        s.held = false;
+    }
+
+    /// File bytes written into sockets by all GET responses so far.
+    pub fn served_bytes(&self) -> u64 {
+        self.shared.lock().unwrap().served
     }
 }
 
@@ -233,10 +270,53 @@ fn serve(conn: TcpStream, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
     }
     let body = &file[start as usize..];
     let n = cut.map_or(body.len(), |c| (c as usize).min(body.len()));
-    conn.write_all(&body[..n])?;
+    send_throttled(&mut conn, &body[..n], start, &shared)?;
     conn.flush()?;
     if cut.is_some() {
         conn.shutdown(std::net::Shutdown::Both)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` (file bytes from offset `start`) in small pieces, keeping to the configured rate,
+/// stalling at the hold offset, and counting what the socket took.
+fn send_throttled(
+    conn: &mut TcpStream,
+    data: &[u8],
+    start: u64,
+    shared: &Mutex<Shared>,
+) -> std::io::Result<()> {
+    const PIECE: usize = 64 * 1024;
+    let began = Instant::now();
+    let mut sent = 0usize;
+    while sent < data.len() {
+        let (rate, hold) = {
+            let s = shared.lock().unwrap();
+            (s.rate, s.hold_at)
+        };
+        let pos = start + sent as u64;
+        let mut end = (sent + PIECE).min(data.len());
+        if let Some(h) = hold.filter(|h| *h >= pos && *h < start + data.len() as u64) {
+            if h == pos {
+                shared.lock().unwrap().held = true;
+                // Stalled until the test releases the hold (polled; this is the server's pace,
+                // not a test waiting for a condition).
+                while shared.lock().unwrap().hold_at == Some(h) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            end = end.min((h - start) as usize);
+        }
+        conn.write_all(&data[sent..end])?;
+        shared.lock().unwrap().served += (end - sent) as u64;
+        sent = end;
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
     }
     Ok(())
 }
@@ -245,16 +325,15 @@ fn serve(conn: TcpStream, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
 
 /// Deterministic image content: half pseudo-random, half runs of zeros.
 pub fn image(size: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let mut v = Vec::with_capacity(size);
-    for i in 0..size {
-        if (i / 4096) % 2 == 0 {
+    let mut x = u64::from(seed).wrapping_mul(2_654_435_761).wrapping_add(1);
+    let mut v = vec![0u8; size];
+    for block in v.chunks_mut(8192) {
+        let random = block.len().min(4096);
+        for word in block[..random].chunks_mut(8) {
             x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            v.push(x as u8);
-        } else {
-            v.push(0);
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
         }
     }
     v
@@ -350,8 +429,13 @@ pub fn slots(disk: &Path) -> [SlotState; 2] {
 
 /// SHA-256 of a whole slot partition.
 pub fn slot_digest(disk: &Path, slot: SlotName) -> [u8; 32] {
+    let len = SlotDisk::open(disk).unwrap().slot_extent(slot).len;
+    slot_digest_len(disk, slot, len)
+}
+
+/// SHA-256 of the first `len` bytes of a slot.
+pub fn slot_digest_len(disk: &Path, slot: SlotName, len: u64) -> [u8; 32] {
     let d = SlotDisk::open(disk).unwrap();
-    let len = d.slot_extent(slot).len;
     let mut r = d.slot_reader(slot, len).unwrap();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -363,6 +447,10 @@ pub fn slot_digest(disk: &Path, slot: SlotName) -> [u8; 32] {
         h.update(&buf[..n]);
     }
     h.finalize().into()
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// The first `len` bytes of a slot.
@@ -378,15 +466,19 @@ pub fn agent_bin() -> &'static str {
     env!("CARGO_BIN_EXE_update-agent")
 }
 
-/// Runs `update-agent` with the given args and no default configuration roots.
-pub fn run_agent(config_dir: &Path, args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .arg("--config-dir")
+/// `update-agent` with the given args and no default configuration roots, logging warnings.
+pub fn agent_command(config_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.arg("--config-dir")
         .arg(config_dir)
         .args(args)
-        .env("UPDATE_AGENT_LOG", "warn")
-        .output()
-        .unwrap()
+        .env("UPDATE_AGENT_LOG", "warn");
+    c
+}
+
+/// Runs `update-agent` with the given args and no default configuration roots.
+pub fn run_agent(config_dir: &Path, args: &[&str]) -> Output {
+    agent_command(config_dir, args).output().unwrap()
 }
 
 pub fn text(o: &Output) -> String {
