@@ -15,16 +15,9 @@ seconds="${3:-10}"
 conns=4
 
 cargo build -q --release -p update-server --bin update-server --example dashboard_seed
-target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+source bench/lib-server.sh
 server="$target_dir/release/update-server"
 seed="$target_dir/release/examples/dashboard_seed"
-
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 400); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
 
 data="$work/data"
 token="$("$seed" "$data" "$hosts" "$days" 2> "$work/seed.log")"
@@ -44,16 +37,17 @@ db_mb=$(du -sm "$data" | cut -f1)
 
 run_wrk() { # PATH -> "rps p50 p99 non2xx"
   wrk -t2 -c"$conns" -d"${seconds}s" --latency -H "Authorization: Bearer $token" "$base$1" > "$work/wrk.out"
-  local rps p50 p99 errs
-  rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.out")
-  p50=$(awk '$1=="50%" {print $2}' "$work/wrk.out")
-  p99=$(awk '$1=="99%" {print $2}' "$work/wrk.out")
-  errs=$(awk '/Non-2xx/ {print $4}' "$work/wrk.out")
-  echo "$rps $p50 $p99 ${errs:-0}"
+  wrk_figures "$work/wrk.out"
 }
+# wrk's latency ("850.00us", "12.3ms", "1.2s") in milliseconds.
+ms() { python3 -c 'import sys; v=sys.argv[1]; u=[("us",1e-3),("ms",1),("s",1e3)]; print(next(f"{float(v[:-len(s)])*m:.2f}" for s,m in u if v.endswith(s)))' "$1"; }
+target_ms=100
 
 since=$(( $(date +%s) - days * 86400 ))
 rows=()
+worst=0
+worst_name=""
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for spec in \
   "rollout page HTML|/dashboard/" \
   "rollout page script|/dashboard/app.js" \
@@ -67,9 +61,17 @@ for spec in \
   "baseline: /healthz|/healthz"; do
   name="${spec%%|*}"; path="${spec#*|}"
   read -r rps p50 p99 errs < <(run_wrk "$path")
+  p99ms=$(ms "$p99")
+  ratio="–"
+  case "$name" in
+    baseline*) ;;
+    *) ratio=$(python3 -c "print(f'{$p99ms/$target_ms:.2f}')")
+       if python3 -c "import sys; sys.exit(0 if $p99ms > $worst else 1)"; then worst=$p99ms; worst_name=$name; fi ;;
+  esac
   echo "$name: $rps req/s, p50 $p50, p99 $p99, non-2xx $errs"
-  rows+=("| $name | $rps | $p50 | $p99 | $errs |")
+  rows+=("| $name | $rps | $p50 | $p99 | $ratio | $errs |")
 done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //') ($(nproc) cores)"
 section="$work/section.md"
@@ -80,29 +82,22 @@ section="$work/section.md"
   echo "Fleet: $hosts hosts on channel beta, $history_rows status history rows over $days days (a linear"
   echo "ramp to release 2.0.0 with 2% install errors); database $db_mb MiB. wrk, 2 threads, $conns"
   echo "connections, ${seconds} s per row, admin bearer token. Every series request first folds new"
-  echo "history into the buckets (a catch-up transaction), so the figures include that."
+  echo "history into the buckets (a catch-up transaction), so the figures include that. Load average"
+  echo "(1, 5, 15 min) before the rows: $load_before; after: $load_after."
   echo
   echo "First dashboard read after seeding (folds all $history_rows rows and $hosts hosts into the series,"
   echo "once): ${backfill} s. Check after it (hosts, updated, buckets): $check."
   echo
-  echo "| request | req/s | p50 | p99 | non-2xx |"
-  echo "|---|---|---|---|---|"
+  echo "| request | req/s | p50 | p99 | p99 / ${target_ms} ms target | non-2xx |"
+  echo "|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "Target: rollout page and series p99 under 100 ms. The baseline rows show what the same chart"
+  echo "Target: p99 under ${target_ms} ms for the rollout page, its series and the other dashboard reads;"
+  echo "the highest here is \"$worst_name\" at $worst ms ($(python3 -c "print(f'{$worst/$target_ms:.2f}')") of the target)."
+  echo "The instance search row is the most expensive filter: a status plus a substring that every"
+  echo "machine id contains (matches counted up to 10,000). The baseline rows show what the same chart"
   echo "costs when computed from the raw history on each request, and the HTTP floor."
 } > "$section"
 cat "$section"
 
-python3 - "$section" <<'PY'
-import re, sys
-section = open(sys.argv[1]).read()
-path = "docs/BENCHMARKS.md"
-text = open(path).read()
-pattern = re.compile(r"^## dashboard\n.*?(?=^## |\Z)", re.S | re.M)
-if pattern.search(text):
-    text = pattern.sub(lambda m: section + "\n", text, count=1)
-else:
-    text = text.rstrip() + "\n\n" + section
-open(path, "w").write(text)
-PY
+write_section dashboard "$section"

@@ -301,7 +301,7 @@ async function instancesPage(query) {
   const rows = r.rows.map(i => `<tr><td><a href="#/host/${encodeURIComponent(i.machine_id)}">${esc(i.machine_id)}</a></td><td>${esc(i.channel)}${i.group ? " / " + esc(i.group) : ""}</td><td>${esc(i.version)}</td><td>${esc(STATUS_LABELS[i.status] || i.status)}</td><td>${esc(i.target_version)}</td><td>${i.error_code ?? ""}</td><td>${when(i.last_seen)}</td></tr>`).join("");
   const off = Number(query.get("offset") || 0);
   const page = d => { const q = new URLSearchParams(query); q.set("offset", String(Math.max(0, off + d))); return "#/instances?" + q; };
-  const html = `<h1>Instances <span class="muted" id="instances-total">${r.total}</span></h1>
+  const html = `<h1>Instances <span class="muted" id="instances-total">${r.total}${r.total_capped ? "+" : ""}</span></h1>
     <form class="toolbar" id="filters">
       <input name="q" placeholder="machine id contains…" value="${val("q")}">
       <input name="channel" placeholder="channel" value="${val("channel")}" size="8">

@@ -169,7 +169,7 @@ async fn channel_view(
 ) -> ApiResult {
     let range = Range::parse(q.range.as_deref().unwrap_or("day"))
         .map_err(|e| json_error(StatusCode::BAD_REQUEST, e))?;
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     match build_channel_view(&s.store, &channel, range, now)
         .await
         .or_500()?
@@ -362,7 +362,7 @@ struct ChannelSummary {
 }
 
 async fn overview(State(s): State<Shared>) -> ApiResult {
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     series::catch_up(&s.store, now).await.or_500()?;
     let channels = s.store.channels().await.or_500()?;
     let rollouts = s.store.rollouts(None).await.or_500()?;
@@ -442,33 +442,69 @@ fn like_pattern(q: &str) -> String {
     format!("%{escaped}%")
 }
 
+/// The instance list counts matches exactly up to this many, then says "more than".
+pub const INSTANCE_COUNT_CAP: i64 = 10_000;
+
 async fn instances(State(s): State<Shared>, Query(q): Query<InstanceQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let offset = q.offset.unwrap_or(0).max(0);
     let search = q.q.as_deref().unwrap_or("").trim().to_string();
-    let pattern = if search.is_empty() {
+    // Only the filters given go into the query, so each can use its index (status: the
+    // dashboard's own `dash_instances_status`); a substring search scans machine ids in order.
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    for (cond, value) in [
+        ("channel = ", q.channel.clone().unwrap_or_default()),
+        ("version = ", q.version.clone().unwrap_or_default()),
+        ("status = ", q.status.clone().unwrap_or_default()),
+    ] {
+        if !value.is_empty() {
+            conds.push(cond);
+            args.push(value);
+        }
+    }
+    if !search.is_empty() {
+        conds.push("machine_id LIKE ");
+        args.push(like_pattern(&search));
+    }
+    let filter = if conds.is_empty() {
         String::new()
     } else {
-        like_pattern(&search)
+        let parts: Vec<String> = conds
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let escape = if c.contains("LIKE") {
+                    " ESCAPE '\\'"
+                } else {
+                    ""
+                };
+                format!("{c}${}{escape}", i + 1)
+            })
+            .collect();
+        format!("WHERE {}", parts.join(" AND "))
     };
-    let filter = "($1 = '' OR channel = $1) AND ($2 = '' OR version = $2) AND ($3 = '' OR status = $3) AND ($4 = '' OR machine_id LIKE $4 ESCAPE '\\')";
     let bind = |sql: String| {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(q.channel.clone().unwrap_or_default())
-            .bind(q.version.clone().unwrap_or_default())
-            .bind(q.status.clone().unwrap_or_default())
-            .bind(pattern.clone())
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in &args {
+            query = query.bind(a.clone());
+        }
+        query
     };
-    let total: i64 = bind(format!(
-        "SELECT COUNT(*) AS n FROM instances WHERE {filter}"
+    let counted: i64 = bind(format!(
+        "SELECT COUNT(*) AS n FROM (SELECT 1 FROM instances {filter} LIMIT {}) AS matches",
+        INSTANCE_COUNT_CAP + 1
     ))
     .fetch_one(&s.store.pool)
     .await
     .or_500()?
     .try_get("n")
     .or_500()?;
+    let n = args.len();
     let rows = bind(format!(
-        "SELECT machine_id, channel, grp, version, status, target_version, error_code, last_seen FROM instances WHERE {filter} ORDER BY machine_id LIMIT $5 OFFSET $6"
+        "SELECT machine_id, channel, grp, version, status, target_version, error_code, last_seen FROM instances {filter} ORDER BY machine_id LIMIT ${} OFFSET ${}",
+        n + 1,
+        n + 2
     ))
     .bind(limit)
     .bind(offset)
@@ -491,13 +527,18 @@ async fn instances(State(s): State<Shared>, Query(q): Query<InstanceQuery>) -> A
         })
         .collect::<Result<_, sqlx::Error>>()
         .or_500()?;
-    Ok(Json(serde_json::json!({ "total": total, "rows": rows })).into_response())
+    Ok(Json(serde_json::json!({
+        "total": counted.min(INSTANCE_COUNT_CAP),
+        "total_capped": counted > INSTANCE_COUNT_CAP,
+        "rows": rows,
+    }))
+    .into_response())
 }
 
 // ---- release page ------------------------------------------------------------------------------
 
 async fn release_view(State(s): State<Shared>, Path(version): Path<String>) -> ApiResult {
-    let now = chrono::Utc::now().timestamp();
+    let now = s.now();
     series::catch_up(&s.store, now).await.or_500()?;
     let Some(mut release) = s.store.release(&version).await.or_500()? else {
         return Err(json_error(

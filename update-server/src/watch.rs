@@ -252,7 +252,9 @@ pub async fn run(cfg: WatchConfig) -> Result<()> {
     let mut error: Option<String> = None;
     loop {
         let (w, _) = terminal::size().unwrap_or((80, 24));
-        let mut lines = render(&view, w as usize, chrono::Utc::now().timestamp());
+        // The server's time (it may run faster than the wall clock: `serve --time-scale`).
+        let now = view["series"]["to"].as_i64().unwrap_or_default();
+        let mut lines = render(&view, w as usize, now);
         if let Some(e) = &error {
             lines.push(format!("(last refresh failed: {e})"));
         }
