@@ -33,6 +33,12 @@ pub const MAX_APPS: usize = 32;
 pub const MAX_EVENTS_PER_APP: usize = 32;
 /// Most urls, packages or actions accepted in one update check answer.
 pub const MAX_LIST_ITEMS: usize = 32;
+/// twinroot extension on the response's `<updatecheck>` (with `noupdate` and `ok` alike): the
+/// space-separated versions an operator lifted from this host's quarantine. update_engine
+/// ignores unknown attributes.
+pub const LIFT_QUARANTINE_ATTR: &str = "twinroot_lift_quarantine";
+/// Most versions accepted in [`LIFT_QUARANTINE_ATTR`].
+pub const MAX_LIFTED_VERSIONS: usize = 32;
 
 /// `eventtype` values.
 pub mod event_type {
@@ -414,6 +420,10 @@ pub struct AppResponse {
     pub events: u32,
     /// `<ping status="ok">` present.
     pub ping: bool,
+    /// Versions an operator lifted from this host's quarantine: the host may install them again.
+    /// Carried as [`LIFT_QUARANTINE_ATTR`] on `<updatecheck>`, so only sent (and only parsed)
+    /// when `update_check` is present.
+    pub lift_quarantine: Vec<String>,
 }
 
 /// `<updatecheck>` inside a response.
@@ -561,6 +571,18 @@ impl Response {
                         "updatecheck" => {
                             let a = attrs(el, "updatecheck")?;
                             let status = a.required("status")?;
+                            app.lift_quarantine = a
+                                .get(LIFT_QUARANTINE_ATTR)
+                                .unwrap_or("")
+                                .split_whitespace()
+                                .map(str::to_string)
+                                .collect();
+                            if app.lift_quarantine.len() > MAX_LIFTED_VERSIONS {
+                                return Err(OmahaError::TooMany {
+                                    element: "updatecheck twinroot_lift_quarantine version",
+                                    limit: MAX_LIFTED_VERSIONS,
+                                });
+                            }
                             app.update_check = Some(match status.as_str() {
                                 "noupdate" => UpdateCheckResponse::NoUpdate,
                                 "ok" => UpdateCheckResponse::Ok(UpdateOffer::default()),
@@ -659,17 +681,22 @@ impl Response {
             attr(&mut s, "cohorthint", app.cohort_hint.as_deref());
             attr(&mut s, "status", Some(&app.status));
             s.push_str(">\n");
-            match &app.update_check {
-                None => {}
-                Some(UpdateCheckResponse::NoUpdate) => {
-                    s.push_str("  <updatecheck status=\"noupdate\"></updatecheck>\n");
+            let lifted = (!app.lift_quarantine.is_empty()).then(|| app.lift_quarantine.join(" "));
+            let status = match &app.update_check {
+                None => None,
+                Some(UpdateCheckResponse::NoUpdate) => Some("noupdate"),
+                Some(UpdateCheckResponse::Ok(_)) => Some("ok"),
+                Some(UpdateCheckResponse::Other(status)) => Some(status.as_str()),
+            };
+            if let Some(status) = status {
+                s.push_str("  <updatecheck");
+                attr(&mut s, "status", Some(status));
+                attr(&mut s, LIFT_QUARANTINE_ATTR, lifted.as_deref());
+                s.push('>');
+                if let Some(UpdateCheckResponse::Ok(o)) = &app.update_check {
+                    write_offer(&mut s, o);
                 }
-                Some(UpdateCheckResponse::Other(status)) => {
-                    s.push_str("  <updatecheck");
-                    attr(&mut s, "status", Some(status));
-                    s.push_str("></updatecheck>\n");
-                }
-                Some(UpdateCheckResponse::Ok(o)) => write_offer(&mut s, o),
+                s.push_str("</updatecheck>\n");
             }
             for _ in 0..app.events {
                 s.push_str("  <event status=\"ok\"></event>\n");
@@ -684,8 +711,9 @@ impl Response {
     }
 }
 
+/// The contents of `<updatecheck status="ok">`.
 fn write_offer(s: &mut String, o: &UpdateOffer) {
-    s.push_str("  <updatecheck status=\"ok\">\n   <urls>\n");
+    s.push_str("\n   <urls>\n");
     for u in &o.urls {
         s.push_str("    <url");
         attr(s, "codebase", Some(u));
@@ -715,7 +743,7 @@ fn write_offer(s: &mut String, o: &UpdateOffer) {
         );
         s.push_str("></action>\n");
     }
-    s.push_str("    </actions>\n   </manifest>\n  </updatecheck>\n");
+    s.push_str("    </actions>\n   </manifest>\n  ");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1184,6 +1212,51 @@ mod tests {
             offer.payload_url().as_deref(),
             Some("https://host/path/flatcar_production_update.gz")
         );
+    }
+
+    #[test]
+    fn lifted_quarantine_rides_on_updatecheck_both_ways() {
+        let resp = Response {
+            protocol: "3.0".into(),
+            apps: vec![
+                AppResponse {
+                    update_check: Some(UpdateCheckResponse::NoUpdate),
+                    lift_quarantine: vec!["2.0.0".into(), "2.1.0".into()],
+                    ..AppResponse::ok("a")
+                },
+                AppResponse {
+                    update_check: Some(UpdateCheckResponse::Ok(sample_offer())),
+                    lift_quarantine: vec!["2.0.0".into()],
+                    ..AppResponse::ok("b")
+                },
+                AppResponse {
+                    update_check: Some(UpdateCheckResponse::NoUpdate),
+                    ..AppResponse::ok("c")
+                },
+            ],
+            ..Response::default()
+        };
+        let xml = resp.to_xml();
+        assert!(
+            xml.contains(r#"<updatecheck status="noupdate" twinroot_lift_quarantine="2.0.0 2.1.0"></updatecheck>"#),
+            "{xml}"
+        );
+        assert!(xml.contains(r#"<updatecheck status="ok" twinroot_lift_quarantine="2.0.0">"#));
+        // Without lifts, the element is exactly what update_engine has always seen.
+        assert!(xml.contains(r#"<updatecheck status="noupdate"></updatecheck>"#));
+        assert_eq!(Response::parse(xml.as_bytes()).unwrap(), resp);
+        // Extra whitespace is tolerated; too many versions are refused.
+        let loose = r#"<response protocol="3.0"><app appid="a"><updatecheck status="noupdate" twinroot_lift_quarantine="  1.0.0   1.1.0 "/></app></response>"#;
+        let parsed = Response::parse(loose.as_bytes()).unwrap();
+        assert_eq!(parsed.apps[0].lift_quarantine, ["1.0.0", "1.1.0"]);
+        let many = format!(
+            r#"<response protocol="3.0"><app appid="a"><updatecheck status="noupdate" twinroot_lift_quarantine="{}"/></app></response>"#,
+            "1.0.0 ".repeat(MAX_LIFTED_VERSIONS + 1)
+        );
+        assert!(matches!(
+            Response::parse(many.as_bytes()).unwrap_err(),
+            OmahaError::TooMany { .. }
+        ));
     }
 
     #[test]

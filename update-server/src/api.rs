@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::policy::{self, RolloutPolicy};
 use crate::release::{self, UploadDigests};
 use crate::server::{MAX_JSON_BODY, Shared, json_error};
-use crate::store::{ReleaseRow, Role, Store};
+use crate::store::{LIFT_QUARANTINE_SECS, LiftRow, ReleaseRow, Role, Store};
 
 /// SHA-256 hex of a token, the form it is stored in.
 pub fn hash_token(token: &str) -> String {
@@ -64,6 +64,10 @@ pub fn router(state: Shared) -> Router<Shared> {
         .route("/rollouts/{channel}/resume", post(resume))
         .route("/instances", get(list_instances))
         .route("/instances/{machine_id}/history", get(instance_history))
+        .route(
+            "/instances/{machine_id}/lift-quarantine",
+            post(lift_quarantine),
+        )
         .route("/activity", get(list_activity))
         .route("/timeline", get(timeline))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -613,6 +617,67 @@ async fn list_instances(State(s): State<Shared>, Query(q): Query<InstanceQuery>)
 
 async fn instance_history(State(s): State<Shared>, Path(machine_id): Path<String>) -> ApiResult {
     ok_json(&s.store.history(&machine_id).await.or_500()?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiftBody {
+    version: String,
+}
+
+/// Lets a host install a release it failed again: clears the server's quarantine of it and
+/// tells the host's agent (in its next Omaha answers) to drop its own.
+async fn lift_quarantine(
+    State(s): State<Shared>,
+    Path(machine_id): Path<String>,
+    Json(body): Json<LiftBody>,
+) -> ApiResult {
+    let version = body.version.trim().to_string();
+    if let Err(e) = semver::Version::parse(&version) {
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("version {version:?} is not a release version: {e}"),
+        ));
+    }
+    let now_ms = s.now_millis();
+    let now = now_ms.div_euclid(1000);
+    let mut tx = s.store.begin().await.or_500()?;
+    let Some(host) = Store::instance_in(&mut tx, &machine_id).await.or_500()? else {
+        return Err(json_error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "host {machine_id} has never checked in with this server; check the machine id (update-server instances)"
+            ),
+        ));
+    };
+    let lift = LiftRow {
+        machine_id: machine_id.clone(),
+        version: version.clone(),
+        lifted_at_ms: now_ms,
+        expires_at: now + LIFT_QUARANTINE_SECS,
+    };
+    Store::lift_quarantine(&mut tx, &lift).await.or_500()?;
+    Store::activity_in(
+        &mut tx,
+        now,
+        "quarantine_lifted",
+        Some(&host.channel),
+        Some(&host.group),
+        Some(&version),
+        &format!(
+            "quarantine of release {version} lifted for host {machine_id}{}",
+            if host.failed_version.as_deref() == Some(version.as_str()) {
+                " (it had failed it)"
+            } else {
+                ""
+            }
+        ),
+    )
+    .await
+    .or_500()?;
+    s.store.config_changed();
+    tx.commit().await.map_err(|e| internal(e.into()))?;
+    ok_json(&lift)
 }
 
 #[derive(Deserialize)]

@@ -22,7 +22,7 @@ use twinroot_format::omaha::{
 
 use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout, RolloutCounts};
 use crate::store::{
-    Backend, ChannelRow, HistoryRow, InstanceRow, ReleaseRow, RolloutRow, Store, Tx,
+    Backend, ChannelRow, HistoryRow, InstanceRow, LiftRow, ReleaseRow, RolloutRow, Store, Tx,
 };
 
 /// Most check-ins recorded in one transaction.
@@ -63,7 +63,13 @@ impl CheckinSummary {
     }
 }
 
-type Answer = (Option<UpdateCheckResponse>, CheckinSummary);
+/// What one app of a check-in is answered.
+struct Answer {
+    update_check: Option<UpdateCheckResponse>,
+    /// Quarantine lifts sent to the host (see [`LiftRow`]).
+    lift_quarantine: Vec<String>,
+    summary: CheckinSummary,
+}
 
 struct Job {
     app: AppRequest,
@@ -118,6 +124,8 @@ struct ConfigCache {
     channels: HashMap<String, ChannelRow>,
     rollouts: BTreeMap<(String, String), RolloutRow>,
     releases: HashMap<String, Option<ReleaseRow>>,
+    /// Quarantine lifts being sent, by machine id.
+    lifts: HashMap<String, Vec<LiftRow>>,
 }
 
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
@@ -202,9 +210,10 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
-        let (answer, s) = checkins.submit(app, machine_id, codebase, now).await?;
-        summary.merge(s);
-        out.update_check = answer;
+        let answer = checkins.submit(app, machine_id, codebase, now).await?;
+        summary.merge(answer.summary);
+        out.update_check = answer.update_check;
+        out.lift_quarantine = answer.lift_quarantine;
         resp.apps.push(out);
     }
     Ok((resp, summary))
@@ -232,6 +241,10 @@ struct Batch {
     new_grants: HashMap<(String, String), u64>,
     history: Vec<HistoryRow>,
     grants: Vec<(String, String, String, String, i64)>,
+    /// Lifts being sent, by machine id (as this batch leaves them).
+    lifts: HashMap<String, Vec<LiftRow>>,
+    /// Lifts this batch ended: (machine id, version).
+    ended_lifts: Vec<(String, String)>,
 }
 
 async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> Result<Vec<Answer>> {
@@ -255,6 +268,10 @@ async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> R
             .map(|r| ((r.channel.clone(), r.group.clone()), r))
             .collect();
         cache.releases.clear();
+        cache.lifts.clear();
+        for l in Store::quarantine_lifts_in(&mut tx, jobs[0].now.timestamp()).await? {
+            cache.lifts.entry(l.machine_id.clone()).or_default().push(l);
+        }
     }
     let mut ids: Vec<String> = jobs.iter().map(|j| j.machine_id.clone()).collect();
     ids.sort();
@@ -275,6 +292,8 @@ async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> R
         new_grants: HashMap::new(),
         history: Vec::new(),
         grants: Vec::new(),
+        lifts: std::mem::take(&mut cache.lifts),
+        ended_lifts: Vec::new(),
     };
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -287,12 +306,16 @@ async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> R
     for (machine, channel, group, version, at) in &b.grants {
         Store::insert_grant(&mut tx, machine, channel, group, version, *at).await?;
     }
+    for (machine, version) in &b.ended_lifts {
+        Store::end_quarantine_lift(&mut tx, machine, version).await?;
+    }
     tx.commit().await?;
     // Only a committed batch's view (including automatic halts) may be reused.
     cache.channels = b.channels;
     cache.rollouts = b.rollouts;
     cache.releases = b.releases;
     cache.releases.retain(|_, r| r.is_some());
+    cache.lifts = b.lifts;
     cache.generation = Some(generation);
     Ok(answers)
 }
@@ -498,6 +521,7 @@ impl Batch {
             }
             self.history.push(history(&inst, Some(ev)));
         }
+        let lift_quarantine = self.apply_lifts(&mut inst, ts);
         self.current.insert(inst.machine_id.clone(), inst.clone());
 
         // Automatic halt, judged right when a failure arrives.
@@ -521,14 +545,19 @@ impl Batch {
             }
         }
 
+        let answer = |update_check, summary| Answer {
+            update_check,
+            lift_quarantine: lift_quarantine.clone(),
+            summary,
+        };
         if app.update_check.is_none() {
-            return Ok((None, summary));
+            return Ok(answer(None, summary));
         }
         let ch = self.channels.get(&channel).cloned();
         let r = self.rollouts.get(&rkey).cloned();
         let (Some(ch), Some(r)) = (ch, r) else {
             summary.holds.push("unknown_channel");
-            return Ok((Some(UpdateCheckResponse::NoUpdate), summary));
+            return Ok(answer(Some(UpdateCheckResponse::NoUpdate), summary));
         };
         let update = self
             .decide_update(
@@ -542,7 +571,39 @@ impl Batch {
                 &mut summary,
             )
             .await?;
-        Ok((Some(update), summary))
+        Ok(answer(Some(update), summary))
+    }
+
+    /// The quarantine lifts to send to this host, ending the ones that are done: the host
+    /// reports running the version, failed it again after the lift, or the lift expired. A lift
+    /// still running clears the host's quarantine of its version (again: on PostgreSQL the
+    /// operator's own clearing may have crossed this batch's read of the host).
+    fn apply_lifts(&mut self, inst: &mut InstanceRow, now: i64) -> Vec<String> {
+        let Some(lifts) = self.lifts.get_mut(&inst.machine_id) else {
+            return Vec::new();
+        };
+        let mut sent = Vec::new();
+        lifts.retain(|l| {
+            let failed_again = inst.failed_version.as_deref() == Some(l.version.as_str())
+                && inst.outcome_at.is_some_and(|t| t > l.lifted_at_ms);
+            let done = l.expires_at <= now
+                || inst.version.as_deref() == Some(l.version.as_str())
+                || failed_again;
+            if done {
+                self.ended_lifts
+                    .push((inst.machine_id.clone(), l.version.clone()));
+                return false;
+            }
+            if inst.failed_version.as_deref() == Some(l.version.as_str()) {
+                inst.failed_version = None;
+            }
+            sent.push(l.version.clone());
+            true
+        });
+        if lifts.is_empty() {
+            self.lifts.remove(&inst.machine_id);
+        }
+        sent
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -431,6 +431,26 @@ pub async fn instances(
     Ok(())
 }
 
+pub async fn lift_quarantine(c: &Client, machine_id: &str, version: &str) -> Result<()> {
+    let v = c
+        .post(
+            &format!("/instances/{machine_id}/lift-quarantine"),
+            &serde_json::json!({ "version": version }),
+            &format!("lift quarantine of {version} for host {machine_id}"),
+        )
+        .await?;
+    let until = v
+        .get("expires_at")
+        .and_then(Value::as_i64)
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default();
+    println!(
+        "quarantine of {version} lifted for host {machine_id}; the host is told until it reports {version} or until {until}"
+    );
+    Ok(())
+}
+
 pub async fn activity(c: &Client, limit: i64, json: bool) -> Result<()> {
     let v = c
         .get(&format!("/activity?limit={limit}"), "list activity")

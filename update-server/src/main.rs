@@ -39,8 +39,10 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
-    /// List hosts.
+    /// List hosts (or lift a host's quarantine with `instances lift-quarantine`).
     Instances {
+        #[command(subcommand)]
+        command: Option<InstancesCommand>,
         #[command(flatten)]
         conn: Conn,
         #[arg(long)]
@@ -70,6 +72,18 @@ enum Command {
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 2.0)]
         interval: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum InstancesCommand {
+    /// Let a host install a release it failed again (clears the server's quarantine and tells
+    /// the host's agent in its next check-ins).
+    LiftQuarantine {
+        #[command(flatten)]
+        conn: Conn,
+        machine_id: String,
+        version: String,
     },
 }
 
@@ -341,6 +355,16 @@ async fn run(cli: Cli) -> Result<()> {
             } => cli::rollout_show(&conn.client()?, &channel, group.as_deref(), json).await,
         },
         Command::Instances {
+            command:
+                Some(InstancesCommand::LiftQuarantine {
+                    conn,
+                    machine_id,
+                    version,
+                }),
+            ..
+        } => cli::lift_quarantine(&conn.client()?, &machine_id, &version).await,
+        Command::Instances {
+            command: None,
             conn,
             channel,
             version,

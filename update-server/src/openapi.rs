@@ -46,6 +46,7 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
                 "Promote": {"type": "object", "properties": {"channel": {"type": "string"}, "force": {"type": "boolean", "default": false}}, "required": ["channel"], "additionalProperties": false},
+                "LiftQuarantine": {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"], "additionalProperties": false},
                 "Pause": {"type": "object", "properties": {"group": {"type": "string"}, "reason": {"type": "string"}}, "additionalProperties": false},
                 "SetRollout": {"type": "object", "properties": {"group": {"type": "string"}, "policy": {"$ref": "#/components/schemas/RolloutPolicy"}}, "required": ["policy"], "additionalProperties": false},
                 "RolloutPolicy": {
@@ -90,6 +91,8 @@ pub fn document() -> Value {
             "/api/v1/rollouts/{channel}/resume": {"post": op("Resume a rollout (also after an automatic halt)", "admin", json!({"parameters": [path_param("channel")], "requestBody": json_body("Pause")}))},
             "/api/v1/instances": {"get": op("List hosts", "viewer or admin", json!({"parameters": [query_param("channel"), query_param("version"), query_param("group")]}))},
             "/api/v1/instances/{machine_id}/history": {"get": op("A host's status history", "viewer or admin", json!({"parameters": [path_param("machine_id")]}))},
+            "/api/v1/instances/{machine_id}/lift-quarantine": {"post": op("Let a host install a release it failed again: clears the server's quarantine and sends twinroot_lift_quarantine to the host until it reports the version, fails it again, or 7 days pass; 404 for an unknown host", "admin",
+                json!({"parameters": [path_param("machine_id")], "requestBody": json_body("LiftQuarantine")}))},
             "/api/v1/activity": {"get": op("Activity log, newest first", "viewer or admin", json!({"parameters": [query_param("limit")]}))},
             "/api/v1/timeline": {"get": op("Status history counted per time bucket", "viewer or admin", json!({"parameters": [query_param("since"), query_param("bucket_secs"), query_param("channel")]}))}
         }

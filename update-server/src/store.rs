@@ -145,7 +145,21 @@ CREATE TABLE tokens (
 );
 "#,
     crate::series::MIGRATION,
+    r#"
+CREATE TABLE quarantine_lifts (
+    machine_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    lifted_at_ms BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (machine_id, version)
+);
+ALTER TABLE tokens ADD COLUMN revoked_at BIGINT
+"#,
 ];
+
+/// How long a quarantine lift is sent to its host at most (seconds of server time), unless the
+/// host reports the version (or fails it again) first.
+pub const LIFT_QUARANTINE_SECS: i64 = 7 * 86_400;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReleaseRow {
@@ -205,6 +219,18 @@ pub struct InstanceRow {
     pub first_seen: i64,
     pub last_seen: i64,
     pub checkins: i64,
+}
+
+/// An operator's lift of a host's quarantine of one release.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LiftRow {
+    pub machine_id: String,
+    pub version: String,
+    /// Server time of the lift, Unix milliseconds (a failure reported after it quarantines the
+    /// host again).
+    pub lifted_at_ms: i64,
+    /// Server time after which the lift is no longer sent, Unix seconds.
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1046,6 +1072,60 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    // ---- quarantine lifts ---------------------------------------------------------------------
+
+    /// Records (or renews) a lift and clears the host's own quarantine of that release.
+    pub async fn lift_quarantine(tx: &mut Tx, lift: &LiftRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO quarantine_lifts (machine_id, version, lifted_at_ms, expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (machine_id, version) DO UPDATE SET lifted_at_ms = excluded.lifted_at_ms, expires_at = excluded.expires_at",
+        )
+        .bind(&lift.machine_id)
+        .bind(&lift.version)
+        .bind(lift.lifted_at_ms)
+        .bind(lift.expires_at)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE instances SET failed_version = NULL WHERE machine_id = $1 AND failed_version = $2",
+        )
+        .bind(&lift.machine_id)
+        .bind(&lift.version)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Lifts still being sent at `now` (Unix seconds).
+    pub async fn quarantine_lifts_in(tx: &mut Tx, now: i64) -> Result<Vec<LiftRow>> {
+        let rows = sqlx::query(
+            "SELECT machine_id, version, lifted_at_ms, expires_at FROM quarantine_lifts WHERE expires_at > $1 ORDER BY machine_id, version",
+        )
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LiftRow {
+                    machine_id: r.try_get("machine_id")?,
+                    version: r.try_get("version")?,
+                    lifted_at_ms: r.try_get("lifted_at_ms")?,
+                    expires_at: r.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets lifts that are done (the host reported the version, failed it again, or the lift
+    /// expired).
+    pub async fn end_quarantine_lift(tx: &mut Tx, machine_id: &str, version: &str) -> Result<()> {
+        sqlx::query("DELETE FROM quarantine_lifts WHERE machine_id = $1 AND version = $2")
+            .bind(machine_id)
+            .bind(version)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     // ---- activity -----------------------------------------------------------------------------

@@ -411,6 +411,16 @@ async fn cli_subcommands_drive_the_api() {
         (
             cli(&url3, &token3, &["instances", "--channel", "stable"]),
             cli(&url3, &token3, &["instances", "--json"]),
+            cli(
+                &url3,
+                &token3,
+                &["instances", "lift-quarantine", "cli-host", "5.0.0"],
+            ),
+            cli_fails(
+                &url3,
+                &token3,
+                &["instances", "lift-quarantine", "nobody", "5.0.0"],
+            ),
         )
     })
     .await
@@ -418,6 +428,18 @@ async fn cli_subcommands_drive_the_api() {
     assert!(listed.0.contains("cli-host"), "{}", listed.0);
     let v: Value = serde_json::from_str(&listed.1).unwrap();
     assert_eq!(v[0]["machine_id"], "cli-host");
+    assert!(
+        listed
+            .2
+            .contains("quarantine of 5.0.0 lifted for host cli-host"),
+        "{}",
+        listed.2
+    );
+    assert!(
+        listed.3.contains("404") && listed.3.contains("host nobody"),
+        "{}",
+        listed.3
+    );
     p.terminate();
 }
 

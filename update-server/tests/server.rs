@@ -803,3 +803,140 @@ async fn time_scale_speeds_up_ramps_and_timestamps() {
     assert!(s.state.now() > real + 1800);
     s.stop().await;
 }
+
+/// The quarantine lifts sent to host `id` (running `version`) in answer to an update check.
+async fn lifts_for(s: &TestServer, id: &str, version: &str) -> Vec<String> {
+    let r = s.omaha(&ue_request(id, version, "stable", vec![])).await;
+    r.apps[0].lift_quarantine.clone()
+}
+
+#[tokio::test]
+async fn quarantine_lift_reaches_only_its_host_until_it_reports_the_version() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    for id in ["q1", "q2", "q3"] {
+        assert!(granted(&s.omaha(&ue_request(id, "1.0.0", "stable", vec![])).await).is_some());
+        // The install fails: the server quarantines the host for 2.0.0.
+        s.omaha(&event_request(
+            id,
+            "1.0.0",
+            "stable",
+            vec![ev(3, 0, Some(7))],
+        ))
+        .await;
+        assert!(is_noupdate(
+            &s.omaha(&ue_request(id, "1.0.0", "stable", vec![])).await
+        ));
+    }
+    let path = "/api/v1/instances/q1/lift-quarantine";
+    let activity_before = s.get("/api/v1/activity").await;
+
+    // A viewer may not lift, and nothing changes.
+    let (status, v) = s
+        .api(
+            Method::POST,
+            path,
+            Some(&s.viewer),
+            Some(json!({"version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(status, 403, "{v}");
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("q1", "1.0.0", "stable", vec![])).await
+    ));
+    assert!(lifts_for(&s, "q1", "1.0.0").await.is_empty());
+    assert_eq!(s.get("/api/v1/activity").await, activity_before);
+
+    // Unknown host and bad version: clear errors.
+    let (status, v) = s
+        .api(
+            Method::POST,
+            "/api/v1/instances/nobody/lift-quarantine",
+            Some(&s.admin),
+            Some(json!({"version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("host nobody"), "{v}");
+    let (status, v) = s
+        .api(
+            Method::POST,
+            path,
+            Some(&s.admin),
+            Some(json!({"version": "two"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("\"two\""), "{v}");
+
+    // The lift: recorded, the hold is gone, and only q1 is told (with noupdate while paused).
+    s.post("/api/v1/rollouts/stable/pause", json!({})).await;
+    let lift = s.post(path, json!({"version": "2.0.0"})).await;
+    assert_eq!(lift["machine_id"], "q1");
+    let act = s.get("/api/v1/activity?limit=1").await;
+    assert_eq!(act[0]["kind"], "quarantine_lifted", "{act}");
+    assert_eq!(act[0]["version"], "2.0.0");
+    let raw = s
+        .http
+        .post(format!("{}/v1/update/", s.url))
+        .body(ue_request("q1", "1.0.0", "stable", vec![]).to_xml())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        raw.contains(r#"<updatecheck status="noupdate" twinroot_lift_quarantine="2.0.0">"#),
+        "{raw}"
+    );
+    assert!(lifts_for(&s, "q2", "1.0.0").await.is_empty());
+    s.post("/api/v1/rollouts/stable/resume", json!({})).await;
+    let r = s.omaha(&ue_request("q1", "1.0.0", "stable", vec![])).await;
+    assert!(granted(&r).is_some(), "lifted host not offered 2.0.0 again");
+    assert_eq!(r.apps[0].lift_quarantine, ["2.0.0"]);
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("q2", "1.0.0", "stable", vec![])).await
+    ));
+    // Once the host reports running 2.0.0, the lift is done.
+    s.omaha(&ue_request("q1", "2.0.0", "stable", vec![ev(3, 2, None)]))
+        .await;
+    assert!(lifts_for(&s, "q1", "2.0.0").await.is_empty());
+
+    // A host that fails the release again after its lift is quarantined again, and not told.
+    s.post(
+        "/api/v1/instances/q3/lift-quarantine",
+        json!({"version": "2.0.0"}),
+    )
+    .await;
+    assert!(granted(&s.omaha(&ue_request("q3", "1.0.0", "stable", vec![])).await).is_some());
+    s.omaha(&event_request(
+        "q3",
+        "1.0.0",
+        "stable",
+        vec![ev(3, 0, Some(error_code::ROLLBACK))],
+    ))
+    .await;
+    let r = s.omaha(&ue_request("q3", "1.0.0", "stable", vec![])).await;
+    assert!(is_noupdate(&r));
+    assert!(r.apps[0].lift_quarantine.is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn quarantine_lift_expires_after_seven_days_of_server_time() {
+    // One virtual day per real second: the lift is sent for about seven real seconds.
+    let s = TestServer::start_with(|c| c.time_scale = 86_400.0).await;
+    s.omaha(&ue_request("e1", "1.0.0", "stable", vec![])).await;
+    s.post(
+        "/api/v1/instances/e1/lift-quarantine",
+        json!({"version": "2.0.0"}),
+    )
+    .await;
+    assert_eq!(lifts_for(&s, "e1", "1.0.0").await, ["2.0.0"]);
+    wait_for(120, "the lift to expire", || async {
+        lifts_for(&s, "e1", "1.0.0").await.is_empty().then_some(())
+    })
+    .await;
+    s.stop().await;
+}
