@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::policy::{self, RolloutPolicy};
 use crate::release::{self, UploadDigests};
 use crate::server::{MAX_JSON_BODY, Shared, json_error};
-use crate::store::{LIFT_QUARANTINE_SECS, LiftRow, ReleaseRow, Role, Store};
+use crate::store::{self, LIFT_QUARANTINE_SECS, LiftRow, ReleaseRow, Role, Store, TokenRole};
 
 /// SHA-256 hex of a token, the form it is stored in.
 pub fn hash_token(token: &str) -> String {
@@ -57,7 +57,7 @@ pub fn router(state: Shared) -> Router<Shared> {
         )
         .route("/releases/{version}", get(get_release))
         .route("/releases/{version}/promote", post(promote))
-        .route("/channels", get(list_channels))
+        .route("/channels", get(list_channels).post(create_channel))
         .route("/rollouts", get(list_rollouts))
         .route("/rollouts/{channel}", get(show_rollout).put(set_rollout))
         .route("/rollouts/{channel}/pause", post(pause))
@@ -87,8 +87,11 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
     let Some(token) = token else {
         return unauthorized("missing bearer token (Authorization: Bearer TOKEN)");
     };
-    let role = match state.store.token_role(&hash_token(token)).await {
-        Ok(Some(r)) => r,
+    let role = match state.store.token_status(&hash_token(token)).await {
+        Ok(Some(TokenRole::Active(r))) => r,
+        Ok(Some(TokenRole::Revoked)) => {
+            return unauthorized("this token was revoked; ask an operator for a new one");
+        }
         Ok(None) => return unauthorized("unknown token"),
         Err(e) => return internal(e),
     };
@@ -368,6 +371,65 @@ async fn promote(
 
 async fn list_channels(State(s): State<Shared>) -> ApiResult {
     ok_json(&s.store.channels().await.or_500()?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateChannelBody {
+    name: String,
+    /// The channel it comes after in the promotion order.
+    after: String,
+}
+
+/// Adds a channel to the promotion order, right after `after`.
+async fn create_channel(State(s): State<Shared>, Json(body): Json<CreateChannelBody>) -> ApiResult {
+    store::validate_channel_name(&body.name)
+        .map_err(|e| json_error(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let now = s.now();
+    let mut tx = s.store.begin().await.or_500()?;
+    if Store::channel_in(&mut tx, &body.name)
+        .await
+        .or_500()?
+        .is_some()
+    {
+        return Err(json_error(
+            StatusCode::CONFLICT,
+            format!("channel {} already exists", body.name),
+        ));
+    }
+    let Some(after) = Store::channel_in(&mut tx, &body.after).await.or_500()? else {
+        return Err(json_error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "channel {} (the one {} should follow) does not exist",
+                body.after, body.name
+            ),
+        ));
+    };
+    let position = Store::create_channel(&mut tx, &body.name, &after, now)
+        .await
+        .or_500()?;
+    Store::activity_in(
+        &mut tx,
+        now,
+        "channel_created",
+        Some(&body.name),
+        None,
+        None,
+        &format!(
+            "channel {} created after {} in the promotion order",
+            body.name, after.name
+        ),
+    )
+    .await
+    .or_500()?;
+    s.store.config_changed();
+    tx.commit().await.map_err(|e| internal(e.into()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"name": body.name, "position": position, "after": after.name})),
+    )
+        .into_response())
 }
 
 // ---- rollouts -----------------------------------------------------------------------------------

@@ -42,13 +42,63 @@ pub async fn token_create(
     role: Role,
     name: &str,
 ) -> Result<()> {
+    let store = open_local(data_dir, database).await?;
+    let token = crate::api::create_token(&store, role, name).await?;
+    println!("{token}");
+    Ok(())
+}
+
+/// The database of the server whose data dir is `data_dir` (or `database`).
+async fn open_local(data_dir: &Path, database: Option<String>) -> Result<Store> {
     let mut cfg = ServerConfig::new(data_dir.to_path_buf());
     cfg.database_url = database;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let store = Store::open(&cfg.database_url()).await?;
-    let token = crate::api::create_token(&store, role, name).await?;
-    println!("{token}");
+    Store::open(&cfg.database_url()).await
+}
+
+fn format_time(unix: Option<i64>) -> String {
+    unix.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// `update-server token list`.
+pub async fn token_list(data_dir: &Path, database: Option<String>, json: bool) -> Result<()> {
+    let store = open_local(data_dir, database).await?;
+    let tokens = store.tokens().await?;
+    if json {
+        print_json(&serde_json::to_value(&tokens)?);
+        return Ok(());
+    }
+    let rows: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": t.id,
+                "name": t.name,
+                "role": t.role,
+                "created": format_time(Some(t.created_at)),
+                "revoked": format_time(t.revoked_at),
+            })
+        })
+        .collect();
+    print_table(&rows, &["id", "name", "role", "created", "revoked"]);
+    Ok(())
+}
+
+/// `update-server token revoke ID`.
+pub async fn token_revoke(data_dir: &Path, database: Option<String>, id: i64) -> Result<()> {
+    let store = open_local(data_dir, database).await?;
+    let now = chrono::Utc::now().timestamp();
+    match store.revoke_token(id, now).await? {
+        None => bail!(
+            "token {id} does not exist in {} (see update-server token list)",
+            data_dir.display()
+        ),
+        Some((t, false)) => println!("token {id} ({}) was already revoked", t.name),
+        Some((t, true)) => println!("token {id} ({}, {}) revoked", t.name, t.role),
+    }
     Ok(())
 }
 
@@ -203,6 +253,37 @@ pub async fn release_list(c: &Client, json: bool) -> Result<()> {
     } else {
         let rows = v.as_array().cloned().unwrap_or_default();
         print_table(&rows, &["version", "channels", "size", "sha256"]);
+    }
+    Ok(())
+}
+
+pub async fn channel_create(c: &Client, name: &str, after: &str) -> Result<()> {
+    c.post(
+        "/channels",
+        &serde_json::json!({"name": name, "after": after}),
+        &format!("create channel {name}"),
+    )
+    .await?;
+    println!("channel {name} created after {after}");
+    Ok(())
+}
+
+pub async fn channel_list(c: &Client, json: bool) -> Result<()> {
+    let v = c.get("/channels", "list channels").await?;
+    if json {
+        print_json(&v);
+    } else {
+        let rows: Vec<Value> = v
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut ch| {
+                ch["promoted"] = format_time(ch["promoted_at"].as_i64()).into();
+                ch
+            })
+            .collect();
+        print_table(&rows, &["name", "release_version", "promoted"]);
     }
     Ok(())
 }

@@ -29,6 +29,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Create and list channels (the promotion order).
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
     /// Upload, list and promote releases.
     Release {
         #[command(subcommand)]
@@ -72,6 +77,26 @@ enum Command {
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 2.0)]
         interval: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChannelCommand {
+    /// Add a channel to the promotion order, right after an existing one.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        name: String,
+        /// The channel it follows (releases must pass through that one first).
+        #[arg(long)]
+        after: String,
+    },
+    /// List channels in promotion order with their releases.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -130,6 +155,28 @@ enum TokenCommand {
         #[arg(long, default_value = "cli")]
         name: String,
     },
+    /// List tokens (id, name, role, creation and revocation times; never the tokens).
+    List {
+        #[command(flatten)]
+        db: LocalDb,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id (from `token list`): it is refused with 401 from then on.
+    Revoke {
+        #[command(flatten)]
+        db: LocalDb,
+        id: i64,
+    },
+}
+
+/// Direct access to a server's database (the token subcommands).
+#[derive(Args)]
+struct LocalDb {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, env = "TWINROOT_DATABASE_URL")]
+    database: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -292,6 +339,18 @@ async fn run(cli: Cli) -> Result<()> {
                     name,
                 },
         } => cli::token_create(&data_dir, database, role, &name).await,
+        Command::Token {
+            command: TokenCommand::List { db, json },
+        } => cli::token_list(&db.data_dir, db.database, json).await,
+        Command::Token {
+            command: TokenCommand::Revoke { db, id },
+        } => cli::token_revoke(&db.data_dir, db.database, id).await,
+        Command::Channel { command } => match command {
+            ChannelCommand::Create { conn, name, after } => {
+                cli::channel_create(&conn.client()?, &name, &after).await
+            }
+            ChannelCommand::List { conn, json } => cli::channel_list(&conn.client()?, json).await,
+        },
         Command::Release { command } => match command {
             ReleaseCommand::Upload { conn, file } => {
                 cli::release_upload(&conn.client()?, &file).await

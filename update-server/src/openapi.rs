@@ -46,6 +46,7 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
                 "Promote": {"type": "object", "properties": {"channel": {"type": "string"}, "force": {"type": "boolean", "default": false}}, "required": ["channel"], "additionalProperties": false},
+                "CreateChannel": {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}, "after": {"type": "string"}}, "required": ["name", "after"], "additionalProperties": false},
                 "LiftQuarantine": {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"], "additionalProperties": false},
                 "Pause": {"type": "object", "properties": {"group": {"type": "string"}, "reason": {"type": "string"}}, "additionalProperties": false},
                 "SetRollout": {"type": "object", "properties": {"group": {"type": "string"}, "policy": {"$ref": "#/components/schemas/RolloutPolicy"}}, "required": ["policy"], "additionalProperties": false},
@@ -81,7 +82,10 @@ pub fn document() -> Value {
             "/api/v1/releases/{version}": {"get": op("One release", "viewer or admin", json!({"parameters": [path_param("version")]}))},
             "/api/v1/releases/{version}/promote": {"post": op("Promote a release to a channel (alpha, then beta, then stable; force skips)", "admin",
                 json!({"parameters": [path_param("version")], "requestBody": json_body("Promote")}))},
-            "/api/v1/channels": {"get": op("List channels and their releases", "viewer or admin", json!({}))},
+            "/api/v1/channels": {
+                "get": op("List channels in promotion order and their releases", "viewer or admin", json!({})),
+                "post": op("Add a channel to the promotion order right after another (201; 422 bad name, 409 exists, 404 unknown after)", "admin", json!({"requestBody": json_body("CreateChannel")}))
+            },
             "/api/v1/rollouts": {"get": op("List rollouts with their current percent", "viewer or admin", json!({"parameters": [query_param("channel")]}))},
             "/api/v1/rollouts/{channel}": {
                 "get": op("Show a rollout", "viewer or admin", json!({"parameters": [path_param("channel"), query_param("group")]})),

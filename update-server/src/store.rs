@@ -20,6 +20,24 @@ use crate::policy::{RolloutCounts, RolloutPolicy};
 /// Channels that exist from the start, in promotion order.
 pub const DEFAULT_CHANNELS: [&str; 3] = ["alpha", "beta", "stable"];
 
+/// Checks a new channel's name; the message names it and says what is allowed. Hosts send the
+/// channel as Omaha `track`, which the server reads up to 64 characters.
+pub fn validate_channel_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "channel name {name:?} is invalid: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ))
+    }
+}
+
 /// Statuses that count as "granted but not finished".
 pub const IN_FLIGHT_STATUSES: &str = "('granted','downloading','downloaded','installed')";
 
@@ -285,6 +303,33 @@ impl Role {
     }
 }
 
+/// A token as listed (its hash is never shown).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRow {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// What a presented token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRole {
+    Active(Role),
+    Revoked,
+}
+
+fn token_from_row(r: &sqlx::any::AnyRow) -> Result<TokenRow> {
+    Ok(TokenRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        role: r.try_get("role")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
 fn instance_from_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, sqlx::Error> {
     Ok(InstanceRow {
         machine_id: r.try_get("machine_id")?,
@@ -466,15 +511,59 @@ impl Store {
         Ok(())
     }
 
+    /// The role of a token by its hash; None for an unknown or revoked token.
     pub async fn token_role(&self, hash: &str) -> Result<Option<Role>> {
-        let row = sqlx::query("SELECT role FROM tokens WHERE hash = $1")
+        Ok(match self.token_status(hash).await? {
+            Some(TokenRole::Active(r)) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// The role of a token by its hash; `Revoked` for a revoked one.
+    pub async fn token_status(&self, hash: &str) -> Result<Option<TokenRole>> {
+        let row = sqlx::query("SELECT role, revoked_at FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            None => Ok(None),
-            Some(r) => Ok(Some(r.try_get::<String, _>("role")?.parse()?)),
+        let Some(r) = row else { return Ok(None) };
+        if r.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+            return Ok(Some(TokenRole::Revoked));
         }
+        Ok(Some(TokenRole::Active(
+            r.try_get::<String, _>("role")?.parse()?,
+        )))
+    }
+
+    /// All tokens (without their hashes), oldest first.
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let rows =
+            sqlx::query("SELECT id, name, role, created_at, revoked_at FROM tokens ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    /// Revokes a token (keeping the first revocation time): the token and whether this call
+    /// revoked it; None if there is no such token.
+    pub async fn revoke_token(&self, id: i64, now: i64) -> Result<Option<(TokenRow, bool)>> {
+        let changed =
+            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                > 0;
+        let row =
+            sqlx::query("SELECT id, name, role, created_at, revoked_at FROM tokens WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row
+            .as_ref()
+            .map(token_from_row)
+            .transpose()?
+            .map(|t| (t, changed)))
     }
 
     // ---- releases and channels ----------------------------------------------------------------
@@ -584,6 +673,28 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    /// Creates a channel right after `after` in the promotion order, with the default rollout
+    /// policy. The caller validated the name and checked that it is new.
+    pub async fn create_channel(
+        tx: &mut Tx,
+        name: &str,
+        after: &ChannelRow,
+        now: i64,
+    ) -> Result<i64> {
+        let position = after.position + 1;
+        sqlx::query("UPDATE channels SET position = position + 1 WHERE position >= $1")
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("INSERT INTO channels (name, position) VALUES ($1, $2)")
+            .bind(name)
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
+        Self::upsert_rollout_policy(tx, name, "", &RolloutPolicy::default(), now).await?;
+        Ok(position)
     }
 
     pub async fn was_promoted_to(tx: &mut Tx, version: &str, channel: &str) -> Result<bool> {

@@ -389,6 +389,18 @@ async fn cli_subcommands_drive_the_api() {
             &["rollout", "set", "stable", "--window", "someday"],
         );
         assert!(err.contains("someday"), "{err}");
+        out += &cli(
+            &url,
+            &token,
+            &["channel", "create", "edge", "--after", "stable"],
+        );
+        out += &cli(&url, &viewer, &["channel", "list"]);
+        let err = cli_fails(
+            &url,
+            &token,
+            &["channel", "create", "Edge!", "--after", "stable"],
+        );
+        assert!(err.contains("422") && err.contains("\"Edge!\""), "{err}");
         out += &cli(&url, &viewer, &["activity"]);
         out
     })
@@ -400,6 +412,8 @@ async fn cli_subcommands_drive_the_api() {
     assert!(out.contains("PAUSED (cli test)"), "{out}");
     assert!(out.contains("\"max_in_flight\":10"), "{out}");
     assert!(out.contains("release_promoted"), "{out}");
+    assert!(out.contains("channel edge created after stable"), "{out}");
+    assert!(out.contains("\nedge "), "{out}");
     omaha_post(
         &update_server::http_client(),
         &url,
@@ -475,4 +489,89 @@ fn serve_refuses_bad_time_scales_and_coordinator_urls() {
             "{flag} {value}: {err}"
         );
     }
+}
+
+/// `update-server ARGS` with no server connection; returns (success, stdout, stderr).
+fn local(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .args(args)
+        .env_remove("TWINROOT_DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap().to_string();
+    let admin = create_token(&data, None, "admin");
+    let viewer = create_token(&data, None, "viewer");
+    let mut p = ServerProcess::spawn(&data, None, None);
+    p.wait_ready().await;
+    let http = update_server::http_client();
+    let (status, _) = api_call(
+        &http,
+        &p.url,
+        reqwest::Method::GET,
+        "/api/v1/channels",
+        Some(&viewer),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (ok, listed, err) = local(&["token", "list", "--data-dir", &d, "--json"]);
+    assert!(ok, "{err}");
+    let tokens: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 2);
+    assert!(
+        !listed.contains(&viewer) && !listed.contains("hash"),
+        "{listed}"
+    );
+    let viewer_id = tokens[1]["id"].as_i64().unwrap().to_string();
+    assert_eq!(tokens[1]["role"], "viewer");
+    assert!(tokens[1]["revoked_at"].is_null());
+
+    let (ok, out, err) = local(&["token", "revoke", "--data-dir", &d, &viewer_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    // The running server refuses it from now on; the admin token still works.
+    let (status, v) = api_call(
+        &http,
+        &p.url,
+        reqwest::Method::GET,
+        "/api/v1/channels",
+        Some(&viewer),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("revoked"), "{v}");
+    let (status, _) = api_call(
+        &http,
+        &p.url,
+        reqwest::Method::GET,
+        "/api/v1/channels",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (ok, table, _) = local(&["token", "list", "--data-dir", &d]);
+    assert!(ok);
+    let viewer_line = table.lines().find(|l| l.contains("viewer")).unwrap();
+    assert!(!viewer_line.trim_end().ends_with('-'), "{table}");
+    // Revoking again says so; an unknown id is an error naming it.
+    let (ok, out, _) = local(&["token", "revoke", "--data-dir", &d, &viewer_id]);
+    assert!(ok && out.contains("already revoked"), "{out}");
+    let (ok, _, err) = local(&["token", "revoke", "--data-dir", &d, "999"]);
+    assert!(!ok && err.contains("token 999 does not exist"), "{err}");
+    p.terminate();
 }

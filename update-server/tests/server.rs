@@ -940,3 +940,120 @@ async fn quarantine_lift_expires_after_seven_days_of_server_time() {
     .await;
     s.stop().await;
 }
+
+/// Status and error message of an admin call that must fail.
+async fn refused(
+    s: &TestServer,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, String) {
+    let (status, v) = s.api(method, path, Some(&s.admin), Some(body)).await;
+    assert!(status >= 400, "{path}: {status} {v}");
+    (status, v["error"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test]
+async fn created_channels_join_the_promotion_order() {
+    let s = TestServer::start().await;
+    let created = s
+        .post(
+            "/api/v1/channels",
+            json!({"name": "canary", "after": "alpha"}),
+        )
+        .await;
+    assert_eq!(created["after"], "alpha");
+    s.post(
+        "/api/v1/channels",
+        json!({"name": "lts-2026", "after": "stable"}),
+    )
+    .await;
+    let names: Vec<String> = s
+        .get("/api/v1/channels")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "canary", "beta", "stable", "lts-2026"]);
+
+    // Bad names, duplicates and unknown predecessors are refused with clear errors.
+    for bad in ["", "Canary", "with space", "-x", &"x".repeat(65)] {
+        let (status, e) = refused(
+            &s,
+            Method::POST,
+            "/api/v1/channels",
+            json!({"name": bad, "after": "alpha"}),
+        )
+        .await;
+        assert_eq!(status, 422, "{bad}: {e}");
+        assert!(
+            e.contains("invalid") && e.contains(&format!("{bad:?}")),
+            "{e}"
+        );
+    }
+    let (status, e) = refused(
+        &s,
+        Method::POST,
+        "/api/v1/channels",
+        json!({"name": "beta", "after": "alpha"}),
+    )
+    .await;
+    assert_eq!((status, e.as_str()), (409, "channel beta already exists"));
+    let (status, e) = refused(
+        &s,
+        Method::POST,
+        "/api/v1/channels",
+        json!({"name": "edge", "after": "nightly"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(e.contains("nightly"), "{e}");
+    let (status, _) = s
+        .api(
+            Method::POST,
+            "/api/v1/channels",
+            Some(&s.viewer),
+            Some(json!({"name": "edge", "after": "alpha"})),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // The promotion order now runs through canary: beta needs canary first.
+    let (status, _) = s.upload(bundle(&s.signer, "4.0.0"), &s.admin).await;
+    assert_eq!(status, 201);
+    s.post(
+        "/api/v1/releases/4.0.0/promote",
+        json!({"channel": "alpha"}),
+    )
+    .await;
+    let (status, e) = refused(
+        &s,
+        Method::POST,
+        "/api/v1/releases/4.0.0/promote",
+        json!({"channel": "beta"}),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert!(e.contains("canary"), "{e}");
+    for ch in ["canary", "beta", "stable", "lts-2026"] {
+        s.post("/api/v1/releases/4.0.0/promote", json!({"channel": ch}))
+            .await;
+    }
+    // Hosts on a new channel are served, under the channel's own (default) rollout.
+    let r = s
+        .omaha(&ue_request("lts-host", "1.0.0", "lts-2026", vec![]))
+        .await;
+    assert_eq!(granted(&r).unwrap().version, "4.0.0");
+    assert_eq!(s.get("/api/v1/rollouts/canary").await["paused"], false);
+    let act = s.get("/api/v1/activity").await;
+    assert!(
+        act.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "channel_created" && a["channel"] == "canary"),
+        "{act}"
+    );
+    s.stop().await;
+}
