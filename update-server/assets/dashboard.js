@@ -2,7 +2,10 @@
 // No build step, no dependencies. The token lives in sessionStorage and goes out as a bearer.
 "use strict";
 
+// Open pages re-read their JSON when the server's event stream says something changed; while the
+// stream is down they poll instead.
 const POLL_MS = 3000;
+const RECONNECT_MS = 5000;
 const COLORS = ["#2f5fb3", "#2a8a4a", "#c98a12", "#8e44ad", "#16a2b8", "#d35400", "#7f8c8d", "#c0392b"];
 const STATUS_COLORS = {
   granted: "#7f8c8d", downloading: "#16a2b8", downloaded: "#2f5fb3", installed: "#8e44ad",
@@ -18,6 +21,9 @@ const main = document.getElementById("main");
 let role = null;
 let timer = null;
 let rendering = false;
+let renderAgain = false;
+let live = false;
+let retry = null;
 
 function token() { return sessionStorage.getItem("twinroot-token"); }
 
@@ -219,7 +225,7 @@ async function channelPage(name, query) {
       <div class="card"><h2>Failure share vs automatic halt</h2>${percentLines("chart-failures", "failures", s.buckets, s.step, flines, fmax)}</div>
     </div>
     <div class="card"><h2>Activity</h2><ul class="feed" id="activity">${activity}</ul></div>
-    <p class="muted">Updated ${when(s.to)} · refreshes every ${POLL_MS / 1000} s</p>`;
+    <p class="muted">Updated ${when(s.to)} · <span id="live-mode">${live ? "live" : `refreshes every ${POLL_MS / 1000} s`}</span></p>`;
   const after = () => {
     const p = document.getElementById("pause"), r = document.getElementById("resume");
     if (p) p.onclick = async () => {
@@ -330,7 +336,7 @@ function loginPage(err) {
   document.getElementById("login").onsubmit = async e => {
     e.preventDefault();
     sessionStorage.setItem("twinroot-token", document.getElementById("token").value.trim());
-    try { await whoami(); render(); } catch (x) { sessionStorage.removeItem("twinroot-token"); loginPage(x.message); }
+    try { await whoami(); render(); if (retry) listen(); } catch (x) { sessionStorage.removeItem("twinroot-token"); loginPage(x.message); }
   };
 }
 
@@ -344,7 +350,7 @@ async function whoami() {
 let formPage = false;
 
 async function render() {
-  if (rendering) return;
+  if (rendering) { renderAgain = true; return; }
   if (!token()) { loginPage(); return; }
   if (document.getElementById("confirm").open) return;
   rendering = true;
@@ -369,7 +375,51 @@ async function render() {
     else main.innerHTML = `<p class="error" id="load-error">${esc(e.message)}</p>`;
   } finally {
     rendering = false;
+    if (renderAgain) { renderAgain = false; render(); }
   }
+}
+
+// ---- live updates ------------------------------------------------------------------------------
+
+// The event stream (GET /api/v1/dashboard/events) read with fetch, which can send the bearer token
+// (EventSource cannot). Each "change" event re-renders the page from fresh JSON.
+function setLive(on) {
+  live = on;
+  document.body.dataset.live = on ? "sse" : "polling";
+  const m = document.getElementById("live-mode");
+  if (m) m.textContent = on ? "live" : `refreshes every ${POLL_MS / 1000} s`;
+}
+
+async function listen() {
+  clearTimeout(retry);
+  retry = null;
+  try {
+    if (!token()) throw new Error("not logged in");
+    const r = await fetch("/api/v1/dashboard/events", { headers: { Authorization: "Bearer " + token(), Accept: "text/event-stream" } });
+    if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+    setLive(true);
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, end);
+        buf = buf.slice(end + 2);
+        const name = (block.match(/^event: ?(.*)$/m) || [])[1];
+        if (name === "change") {
+          document.body.dataset.liveEvents = String(Number(document.body.dataset.liveEvents || 0) + 1);
+          render();
+        }
+      }
+    }
+  } catch (_) {
+    // Fall through: poll until the stream is back.
+  }
+  setLive(false);
+  retry = setTimeout(listen, RECONNECT_MS);
 }
 
 document.getElementById("logout").onclick = () => {
@@ -381,4 +431,5 @@ document.getElementById("logout").onclick = () => {
 };
 window.addEventListener("hashchange", () => { main.dataset.loaded = ""; render(); });
 render();
-timer = setInterval(render, POLL_MS);
+listen();
+timer = setInterval(() => { if (!live) render(); }, POLL_MS);

@@ -1,6 +1,8 @@
 //! The rollout dashboard: JSON views for the pages (under `/api/v1/`, bearer token, any role) and
 //! the pages themselves (under `/dashboard/`, static HTML, CSS and a small script of our own that
 //! draws SVG charts from the JSON). Writes (pause, resume, promote) go through the admin API.
+//! Open pages learn of changes from a server-sent event stream ([`live`]) and fall back to
+//! polling when it is unavailable.
 
 // Handlers return `Result<Response, Response>`: the error side is an HTTP answer, not a hot path.
 #![allow(clippy::result_large_err)]
@@ -23,6 +25,10 @@ use crate::policy;
 use crate::series::{self, ChannelSeries, Range};
 use crate::server::{Shared, json_error};
 use crate::store::Store;
+
+mod live;
+
+pub use live::{Marks, end_streams_on, read_marks};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../assets/dashboard.js");
@@ -53,6 +59,7 @@ pub fn router(state: Shared) -> Router<Shared> {
         .route("/api/v1/dashboard/instances", get(instances))
         .route("/api/v1/dashboard/releases/{version}", get(release_view))
         .route("/api/v1/dashboard/whoami", get(whoami))
+        .route("/api/v1/dashboard/events", get(live::events))
         .layer(middleware::from_fn_with_state(state, auth));
     Router::new()
         .route(

@@ -179,6 +179,7 @@ pub fn router(state: Shared) -> Router {
 
 /// Serves until `shutdown` is cancelled.
 pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationToken) -> Result<()> {
+    crate::dashboard::end_streams_on(&state, shutdown.clone());
     let app = router(state);
     axum::serve(
         listener,

@@ -134,7 +134,9 @@ async fn check_known_history(s: &TestServer) {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    let expect_now = (now - b0) as f64 * 100.0 / 36000.0;
+    // At the server's now (the view's end), which is a little after the test's.
+    let server_now = series["to"].as_i64().unwrap();
+    let expect_now = (server_now - b0) as f64 * 100.0 / 36000.0;
     assert_eq!(tail(&target, 4)[..3], [10.0, 20.0, 30.0]);
     assert!((target[23] - expect_now).abs() < 1e-9, "{target:?}");
     assert_eq!(target[19], 0.0, "before the start");
@@ -350,4 +352,114 @@ async fn dashboard_reads_need_a_token_and_bad_ranges_are_refused() {
     assert_eq!(page.status().as_u16(), 200);
     assert!(page.text().await.unwrap().contains("app.js"));
     s.stop().await;
+}
+
+/// Reads server-sent events from a response: (event name, JSON data).
+struct EventReader {
+    body: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>,
+    >,
+    buf: String,
+}
+
+impl EventReader {
+    fn new(resp: reqwest::Response) -> EventReader {
+        EventReader {
+            body: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, `None` when the stream ends; panics after 60 s without one.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim_start().to_string())
+                };
+                // Comments (keep-alives) carry no event.
+                if let Some(name) = field("event:") {
+                    let data = field("data:").unwrap_or_default();
+                    return Some((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.body.next())
+                .await
+                .expect("no server-sent event within 60 s")?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    }
+
+    /// Skips events until a `change` whose marks satisfy `pred`.
+    async fn change_where(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            match self.next().await {
+                Some((name, data)) if name == "change" && pred(&data) => return data,
+                Some(_) => {}
+                None => panic!("the event stream ended before {what}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn event_stream_announces_checkins_and_pauses_and_ends_at_shutdown() {
+    let s = TestServer::start().await;
+    let (st, _) = s
+        .api(Method::GET, "/api/v1/dashboard/events", None, None)
+        .await;
+    assert_eq!(st, 401);
+    let resp = s
+        .http
+        .get(format!("{}/api/v1/dashboard/events", s.url))
+        .bearer_auth(&s.viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut events = EventReader::new(resp);
+    let (name, _) = events.next().await.unwrap();
+    assert_eq!(name, "hello");
+
+    // A host's first check-in (no news in its history: only its check-in time moves).
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("live-1", "1.0.0", "stable", vec![]))
+            .await
+    ));
+    let after_checkin = events
+        .change_where("the check-in", |m| m["seen"].as_i64() > Some(0))
+        .await;
+    // A pause writes activity and changes the rollout.
+    s.post(
+        "/api/v1/rollouts/stable/pause",
+        json!({"reason": "live test"}),
+    )
+    .await;
+    events
+        .change_where("the pause", |m| {
+            m["activity"].as_i64() > after_checkin["activity"].as_i64()
+                && m["config"] != after_checkin["config"]
+        })
+        .await;
+
+    // Shutting the server down ends the stream (a graceful shutdown does not wait for it).
+    s.stop().await;
+    loop {
+        if events.next().await.is_none() {
+            break;
+        }
+    }
 }

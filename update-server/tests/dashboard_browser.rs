@@ -1,7 +1,7 @@
 //! The rollout page in a real headless Debian chromium, driven over the DevTools protocol: log in
 //! with a token, check the figures and charts of a fleet seeded with a known history, pause the
-//! rollout from the page (with its confirmation) and see it paused through the API; a screenshot
-//! is saved.
+//! rollout from the page (with its confirmation) and see it paused through the API; see changes
+//! made through the API appear on the open page (server-sent events); a screenshot is saved.
 
 mod common;
 mod dashboard_fleet;
@@ -368,6 +368,29 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
             .await
             .contains("too many disk errors"),
         "activity feed"
+    );
+
+    // Changes made elsewhere reach the open page through its event stream, without a reload: a
+    // resume through the API and a new host's check-in.
+    page.wait(
+        "the event stream to be connected",
+        "document.body.dataset.live === 'sse'",
+    )
+    .await;
+    page.eval("window.sameDocument = true").await;
+    s.post("/api/v1/rollouts/beta/resume", json!({})).await;
+    // (At 85% of the ramp it may be granted the release; it is on 1.0.0 either way.)
+    s.omaha(&ue_request("live-host", "1.0.0", "beta", vec![]))
+        .await;
+    page.wait(
+        "the resume and the new host on the page",
+        "document.getElementById('state') && document.getElementById('state').textContent === 'rolling' && document.getElementById('fig-updated').textContent === '21 / 41'",
+    )
+    .await;
+    assert_eq!(
+        page.eval("[window.sameDocument === true, document.body.dataset.live, Number(document.body.dataset.liveEvents) > 0]")
+            .await,
+        json!([true, "sse", true])
     );
 
     // A viewer sees the same page without write buttons.
