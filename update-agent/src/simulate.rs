@@ -21,7 +21,7 @@
 //!   in simulated seconds and divided by `--time-scale`. The server is not scaled: its ramp
 //!   durations are real seconds (use short ramps or step policies in scenarios).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -157,6 +157,9 @@ pub struct SimOptions {
     pub channel: String,
     /// Omaha rollout group and FleetLock group (`default` for FleetLock when unset).
     pub group: Option<String>,
+    /// Each host sends its board as its Omaha rollout group (hosts without a board send
+    /// `group`), so a per-group policy can treat boards apart. The FleetLock group stays `group`.
+    pub group_by_board: bool,
     pub health: Vec<HealthRule>,
     pub boards: Vec<BoardShare>,
     pub time_scale: f64,
@@ -192,6 +195,7 @@ impl SimOptions {
             coordinator: None,
             channel: "stable".into(),
             group: None,
+            group_by_board: false,
             health: Vec::new(),
             boards: Vec::new(),
             time_scale: 1.0,
@@ -224,188 +228,11 @@ impl SimOptions {
     }
 }
 
-// ----------------------------------------------------------------------------------------------
-// Report
-
-/// One line of the timeline.
-#[derive(Debug, Clone, Serialize)]
-pub struct TimelineEvent {
-    /// Simulated seconds since the start.
-    pub t: f64,
-    pub host: usize,
-    /// installed, reboot, booted, panic, good, bad, rolled_back, lock_granted, lock_released,
-    /// check_error, install_error.
-    pub event: &'static str,
-    pub version: String,
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct VersionSummary {
-    pub version: String,
-    /// Hosts that booted this version at least once (for a bad release: the blast radius).
-    pub hosts_booted: usize,
-    /// Hosts on which it failed its checks or panicked.
-    pub failed: usize,
-    /// Hosts that went back from it to their previous version.
-    pub rolled_back: usize,
-    /// Hosts running it at the end.
-    pub running_at_end: usize,
-    /// Simulated seconds until half / all of the fleet ran it (when reached).
-    pub t50: Option<f64>,
-    pub t100: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Report {
-    pub hosts: usize,
-    pub time_scale: f64,
-    pub real_secs: f64,
-    pub sim_secs: f64,
-    /// Most hosts holding a FleetLock reboot slot at once, as seen by the hosts (counted from the
-    /// granted answer to the release request, so never more than the coordinator granted).
-    pub max_lock_holders: usize,
-    /// Most hosts inside a simulated reboot at once.
-    pub max_rebooting: usize,
-    pub checks: u64,
-    pub check_errors: u64,
-    pub lock_busy_answers: u64,
-    pub versions: Vec<VersionSummary>,
-    /// Why the run ended: settled, all_on_version, max_duration.
-    pub ended: String,
-    #[serde(skip)]
-    pub timeline: Vec<TimelineEvent>,
-}
-
-impl Report {
-    pub fn version(&self, v: &str) -> Option<&VersionSummary> {
-        self.versions.iter().find(|s| s.version == v)
-    }
-
-    /// The summary as printed by `update-agent simulate`.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "fleet simulator: {} hosts, {:.1} s real, {:.1} s simulated (x{}), ended: {}\n",
-            self.hosts, self.real_secs, self.sim_secs, self.time_scale, self.ended
-        );
-        out.push_str(&format!(
-            "{:<14} {:>8} {:>8} {:>12} {:>10} {:>10} {:>10}\n",
-            "version", "booted", "failed", "rolled_back", "running", "t50%", "t100%"
-        ));
-        let t = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}s"));
-        for v in &self.versions {
-            out.push_str(&format!(
-                "{:<14} {:>8} {:>8} {:>12} {:>10} {:>10} {:>10}\n",
-                v.version,
-                v.hosts_booted,
-                v.failed,
-                v.rolled_back,
-                v.running_at_end,
-                t(v.t50),
-                t(v.t100)
-            ));
-        }
-        out.push_str(&format!(
-            "max reboot-slot holders at once: {}; max hosts rebooting at once: {}\n",
-            self.max_lock_holders, self.max_rebooting
-        ));
-        out.push_str(&format!(
-            "update checks: {} ({} failed); reboot slot refused: {} times\n",
-            self.checks, self.check_errors, self.lock_busy_answers
-        ));
-        out
-    }
-
-    pub fn timeline_csv(&self) -> String {
-        let mut out = String::from("t,host,event,version,detail\n");
-        for e in &self.timeline {
-            let detail = e.detail.replace('"', "'");
-            out.push_str(&format!(
-                "{:.3},{},{},{},\"{}\"\n",
-                e.t, e.host, e.event, e.version, detail
-            ));
-        }
-        out
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"summary": self, "timeline": self.timeline})
-    }
-}
-
-/// Builds the per-version summary from the timeline (pure).
-pub fn summarize(
-    hosts: usize,
-    initial: &str,
-    timeline: &[TimelineEvent],
-) -> (Vec<VersionSummary>, BTreeMap<String, usize>) {
-    let mut running: Vec<String> = vec![initial.to_string(); hosts];
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    counts.insert(initial.to_string(), hosts);
-    let mut booted: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-    let mut failed: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-    let mut rolled: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-    let mut t50: BTreeMap<String, f64> = BTreeMap::new();
-    let mut t100: BTreeMap<String, f64> = BTreeMap::new();
-    for e in timeline {
-        match e.event {
-            "booted" => {
-                booted.entry(e.version.clone()).or_default().insert(e.host);
-                let old = std::mem::replace(&mut running[e.host], e.version.clone());
-                if let Some(c) = counts.get_mut(&old) {
-                    *c -= 1;
-                }
-                let c = counts.entry(e.version.clone()).or_default();
-                *c += 1;
-                let c = *c;
-                if e.version == initial {
-                    continue;
-                }
-                if c * 2 >= hosts {
-                    t50.entry(e.version.clone()).or_insert(e.t);
-                }
-                if c == hosts {
-                    t100.entry(e.version.clone()).or_insert(e.t);
-                }
-            }
-            "panic" => {
-                booted.entry(e.version.clone()).or_default().insert(e.host);
-                failed.entry(e.version.clone()).or_default().insert(e.host);
-            }
-            "bad" => {
-                failed.entry(e.version.clone()).or_default().insert(e.host);
-            }
-            "rolled_back" => {
-                rolled.entry(e.version.clone()).or_default().insert(e.host);
-            }
-            _ => {}
-        }
-    }
-    let mut versions: BTreeSet<String> = counts.keys().cloned().collect();
-    versions.extend(booted.keys().cloned());
-    let mut list: Vec<VersionSummary> = versions
-        .into_iter()
-        .map(|v| VersionSummary {
-            hosts_booted: booted.get(&v).map_or(0, |s| s.len()),
-            failed: failed.get(&v).map_or(0, |s| s.len()),
-            rolled_back: rolled.get(&v).map_or(0, |s| s.len()),
-            running_at_end: counts.get(&v).copied().unwrap_or(0),
-            t50: t50.get(&v).copied(),
-            t100: t100.get(&v).copied(),
-            version: v,
-        })
-        .collect();
-    list.sort_by(|a, b| {
-        match (
-            semver::Version::parse(&a.version),
-            semver::Version::parse(&b.version),
-        ) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => a.version.cmp(&b.version),
-        }
-    });
-    (list, counts)
-}
+mod report;
+pub use report::{
+    BoardSummary, Report, TimelineEvent, VersionSummary, count_reboots, summarize,
+    summarize_boards, summarize_hosts,
+};
 
 // ----------------------------------------------------------------------------------------------
 // Shared run state
@@ -683,9 +510,13 @@ struct HostSpec {
     board: Option<String>,
 }
 
+/// The machine id of simulated host `idx` under `seed` (what the server's records are keyed by).
+pub fn machine_id(seed: &str, idx: usize) -> String {
+    hex::encode(&Sha256::digest(format!("{seed}/{idx}").as_bytes())[..16])
+}
+
 fn host_spec(opts: &SimOptions, idx: usize) -> HostSpec {
-    let h = Sha256::digest(format!("{}/{idx}", opts.seed).as_bytes());
-    let machine_id = hex::encode(&h[..16]);
+    let machine_id = machine_id(&opts.seed, idx);
     // Boards by share, in order, from a per-host number.
     let u = unit(&format!("{machine_id}/board")) * 100.0;
     let mut acc = 0.0;
@@ -774,6 +605,33 @@ fn new_agent(
     )
 }
 
+/// A reboot slot still held on a steady boot: its release failed and must be retried.
+fn lock_left_held(agent: &mut Agent) -> bool {
+    agent
+        .state()
+        .map(|s| s.staged.is_none() && s.reboot_lock_held)
+        .unwrap_or(false)
+}
+
+/// The delay before the next update check after `failures` failed ones in a row: the daemon's
+/// rule (`daemon::next_check_delay`) with its default ratios to the interval (first retry
+/// after 120/2700 of it, doubling up to 14400/2700 of it).
+fn check_delay(interval: Duration, failures: u32, unit: f64) -> Duration {
+    let s = crate::config::ServerSettings {
+        url: None,
+        app_id: String::new(),
+        track: String::new(),
+        first_check_min: interval.mul_f64(120.0 / 2700.0),
+        first_check_max: interval,
+        interval,
+        jitter: interval / 10,
+        max_backoff: interval.mul_f64(14400.0 / 2700.0),
+        download_retries: 0,
+        timeout: Duration::from_secs(30),
+    };
+    crate::daemon::next_check_delay(&s, false, failures, unit)
+}
+
 fn is_busy(agent: &mut Agent) -> bool {
     agent
         .state()
@@ -821,7 +679,11 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
                 rt: ctx.rt.clone(),
                 url: opts.omaha_url(),
             },
-            group: opts.group.clone(),
+            group: if opts.group_by_board {
+                spec.board.clone().or_else(|| opts.group.clone())
+            } else {
+                opts.group.clone()
+            },
         })),
         sources: Box::new(CachedSources { ctx: ctx.clone() }),
         lock,
@@ -841,6 +703,7 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
     let mut boot = 0u32;
     let jitter = |base: Duration| base.mul_f64(0.9 + 0.2 * fastrand::f64());
     let mut first_delay = opts.interval.mul_f64(fastrand::f64());
+    let mut check_failures = 0u32;
     loop {
         boot += 1;
         let rebooted = Arc::new(AtomicBool::new(false));
@@ -866,9 +729,13 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
         }
         ctx.busy[i].store(is_busy(&mut agent), Ordering::SeqCst);
 
-        // Poll until the agent reboots (or the run stops).
+        // Poll until the agent reboots (or the run stops), as the daemon does: a check every
+        // interval (the daemon's backoff after failed checks), a reboot attempt after each check
+        // while an update is staged or a reboot slot is still held (a release that failed, e.g.
+        // while the coordinator was down, is retried), backing off while the slot is refused.
         let mut next_check = Instant::now() + opts.real(first_delay);
-        let mut next_reboot_try: Option<Instant> = None;
+        let mut next_reboot_try: Option<Instant> =
+            lock_left_held(&mut agent).then(|| Instant::now() + opts.real(opts.interval / 10));
         let mut lock_failures = 0u32;
         while !rebooted.load(Ordering::SeqCst) {
             let wake = next_reboot_try.map_or(next_check, |r| r.min(next_check));
@@ -890,28 +757,32 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
                 agent = a;
                 ctx.checks.fetch_add(1, Ordering::Relaxed);
                 match r {
-                    Ok(CheckOutcome::Installed { version: v }) => {
-                        // The slot bytes were verified; the simulated boot only needs the
-                        // attributes, so give the memory back.
-                        for d in &slot_data {
-                            let mut g = d.lock().expect("slot lock");
-                            g.clear();
-                            g.shrink_to_fit();
+                    Ok(o) => {
+                        check_failures = 0;
+                        if let CheckOutcome::Installed { version: v } = o {
+                            // The slot bytes were verified; the simulated boot only needs the
+                            // attributes, so give the memory back.
+                            for d in &slot_data {
+                                let mut g = d.lock().expect("slot lock");
+                                g.clear();
+                                g.shrink_to_fit();
+                            }
+                            ctx.record(i, "installed", &v, String::new());
                         }
-                        ctx.record(i, "installed", &v, String::new());
-                        next_reboot_try = Some(Instant::now());
                     }
-                    Ok(CheckOutcome::AlreadyStaged { .. }) => {
-                        next_reboot_try.get_or_insert_with(Instant::now);
-                    }
-                    Ok(_) => {}
                     Err(e) => {
+                        check_failures += 1;
                         ctx.check_errors.fetch_add(1, Ordering::Relaxed);
                         ctx.record(i, "check_error", "", e.to_string());
                     }
                 }
-                ctx.busy[i].store(is_busy(&mut agent), Ordering::SeqCst);
-                next_check = Instant::now() + opts.real(jitter(opts.interval));
+                let busy = is_busy(&mut agent);
+                ctx.busy[i].store(busy, Ordering::SeqCst);
+                if busy {
+                    next_reboot_try.get_or_insert_with(Instant::now);
+                }
+                next_check = Instant::now()
+                    + opts.real(check_delay(opts.interval, check_failures, fastrand::f64()));
             }
             if next_reboot_try.is_some_and(|t| Instant::now() >= t) {
                 let (a, r) = step(&ctx, agent, |a| {
@@ -920,26 +791,36 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
                 })
                 .await;
                 agent = a;
-                match r {
-                    Ok(RebootDecision::Rebooted) => {}
+                // Exponential from a tenth of the interval, capped at the interval.
+                let backoff = |failures: u32| {
+                    let d = opts
+                        .interval
+                        .div_f64(10.0)
+                        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+                        .min(opts.interval);
+                    Instant::now() + opts.real(jitter(d))
+                };
+                next_reboot_try = match r {
+                    Ok(RebootDecision::Rebooted) => None,
                     Ok(RebootDecision::LockBusy(_)) => {
                         lock_failures += 1;
-                        // Exponential from a tenth of the interval, capped at the interval.
-                        let base = opts.interval.div_f64(10.0);
-                        let d = base
-                            .saturating_mul(1 << (lock_failures - 1).min(10))
-                            .min(opts.interval);
-                        next_reboot_try = Some(Instant::now() + opts.real(jitter(d)));
+                        Some(backoff(lock_failures))
                     }
-                    Ok(RebootDecision::WaitForWindow(d)) => {
-                        next_reboot_try = Some(Instant::now() + opts.real(d));
+                    Ok(RebootDecision::WaitForWindow(d)) => Some(Instant::now() + opts.real(d)),
+                    Ok(_) if lock_left_held(&mut agent) => {
+                        lock_failures += 1;
+                        Some(backoff(lock_failures))
                     }
-                    Ok(_) => next_reboot_try = None,
+                    Ok(_) => None,
                     Err(e) => {
                         ctx.record(i, "reboot_error", "", e.to_string());
-                        next_reboot_try = Some(Instant::now() + opts.real(opts.interval));
+                        Some(Instant::now() + opts.real(opts.interval))
                     }
+                };
+                if next_reboot_try.is_none() {
+                    lock_failures = 0;
                 }
+                ctx.busy[i].store(is_busy(&mut agent), Ordering::SeqCst);
             }
         }
 
@@ -1075,7 +956,16 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<Report> {
     }
     let real_secs = ctx.start.elapsed().as_secs_f64();
     let timeline = std::mem::take(&mut *ctx.timeline.lock().expect("timeline lock"));
-    let (versions, _) = summarize(opts.hosts, &opts.initial_version.to_string(), &timeline);
+    let initial = opts.initial_version.to_string();
+    let (versions, _) = summarize(opts.hosts, &initial, &timeline);
+    let boards = if opts.boards.is_empty() {
+        Vec::new()
+    } else {
+        let of_host: Vec<Option<String>> =
+            (0..opts.hosts).map(|i| host_spec(&opts, i).board).collect();
+        summarize_boards(&of_host, &initial, &timeline)
+    };
+    let (reboots, extra_reboots) = count_reboots(&timeline);
     Ok(Report {
         hosts: opts.hosts,
         time_scale: opts.time_scale,
@@ -1086,7 +976,10 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<Report> {
         checks: ctx.checks.load(Ordering::SeqCst),
         check_errors: ctx.check_errors.load(Ordering::SeqCst),
         lock_busy_answers: ctx.lock_busy.load(Ordering::SeqCst),
+        reboots,
+        extra_reboots,
         versions,
+        boards,
         ended: ended.to_string(),
         timeline,
     })
@@ -1113,6 +1006,10 @@ pub struct SimulateArgs {
     /// Rollout group (Omaha) and FleetLock group.
     #[arg(long)]
     pub group: Option<String>,
+    /// Each host sends its board (--board-share) as its Omaha rollout group, so per-group
+    /// policies apply per board (hosts without a board send --group).
+    #[arg(long)]
+    pub group_by_board: bool,
     /// Health outcome of a release: VERSION:fail=P%[,board=B] or VERSION:panic=P%[,board=B].
     #[arg(long = "health")]
     pub health: Vec<HealthRule>,
@@ -1172,6 +1069,7 @@ impl SimulateArgs {
         o.coordinator = self.coordinator.clone();
         o.channel = self.channel.clone();
         o.group = self.group.clone();
+        o.group_by_board = self.group_by_board;
         o.health = self.health.clone();
         o.boards = self.board_share.clone();
         o.time_scale = self.time_scale;
@@ -1216,6 +1114,7 @@ pub fn main(args: &SimulateArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn health_rules_parse_and_name_bad_input() {
@@ -1272,42 +1171,5 @@ mod tests {
         );
         let ids: BTreeSet<_> = specs.iter().map(|s| s.machine_id.clone()).collect();
         assert_eq!(ids.len(), 1000);
-    }
-
-    #[test]
-    fn summary_counts_blast_radius_and_times() {
-        let ev = |t: f64, host, event, version: &str| TimelineEvent {
-            t,
-            host,
-            event,
-            version: version.into(),
-            detail: String::new(),
-        };
-        let tl = vec![
-            ev(1.0, 0, "booted", "2.0.0"),
-            ev(2.0, 0, "bad", "2.0.0"),
-            ev(3.0, 0, "booted", "1.0.0"),
-            ev(3.5, 0, "rolled_back", "2.0.0"),
-            ev(4.0, 1, "panic", "2.0.0"),
-            ev(5.0, 1, "booted", "1.0.0"),
-            ev(5.5, 1, "rolled_back", "2.0.0"),
-            ev(6.0, 2, "booted", "3.0.0"),
-            ev(7.0, 3, "booted", "3.0.0"),
-        ];
-        let (v, counts) = summarize(4, "1.0.0", &tl);
-        let two = v.iter().find(|s| s.version == "2.0.0").unwrap();
-        assert_eq!(
-            (
-                two.hosts_booted,
-                two.failed,
-                two.rolled_back,
-                two.running_at_end
-            ),
-            (2, 2, 2, 0)
-        );
-        let three = v.iter().find(|s| s.version == "3.0.0").unwrap();
-        assert_eq!((three.t50, three.t100), (Some(7.0), None));
-        assert_eq!(counts["1.0.0"], 2);
-        assert_eq!(v[0].version, "1.0.0");
     }
 }
