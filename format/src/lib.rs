@@ -3,6 +3,7 @@
 //! manifest and bundle, the keyring, Omaha messages and FleetLock messages.
 
 pub mod bundle;
+pub mod coordinator_status;
 pub mod fleetlock;
 pub mod gpt;
 pub mod keyring;

@@ -11,7 +11,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve FleetLock (POST /v1/pre-reboot, POST /v1/steady-state, GET /metrics).
+    /// Serve FleetLock (POST /v1/pre-reboot, POST /v1/steady-state, GET /metrics, GET /v1/status).
     Serve(cli::ServeArgs),
     /// Show groups, slot counts, holders (age, time to expiry) and recent activity.
     Status(cli::StatusArgs),

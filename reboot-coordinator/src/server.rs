@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
+use twinroot_format::coordinator_status::{self, CoordinatorStatus, GroupSlots};
 use twinroot_format::fleetlock::{
     self, ErrorBody, ErrorKind, PROTOCOL_HEADER, PROTOCOL_HEADER_VALUE, Request,
 };
@@ -92,6 +93,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
             post(steady_state).fallback(method_not_allowed),
         )
         .route("/metrics", get(metrics))
+        .route(coordinator_status::STATUS_PATH, get(status))
         .fallback(not_found)
         .with_state(coordinator)
 }
@@ -190,6 +192,46 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
         c.semaphore.conflicts(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /v1/status`: slots per group (always including the default group) and how many are held,
+/// as JSON (read-only; no host ids, so like `/metrics` it needs no token). 503 with a FleetLock error body when etcd cannot be read.
+async fn status(State(c): State<Arc<Coordinator>>) -> Response {
+    let default_slots = c.semaphore.config().default_slots;
+    match c.semaphore.store().groups().await {
+        Ok(groups) => {
+            let mut groups: Vec<GroupSlots> = groups
+                .into_iter()
+                .map(|g| GroupSlots {
+                    slots: g.slots.unwrap_or(default_slots),
+                    in_use: g.holders.len() as u32,
+                    group: g.group,
+                })
+                .collect();
+            // Hosts without a group of their own use the default group, which etcd lists only
+            // once it has a count or a holder.
+            if !groups.iter().any(|g| g.group == fleetlock::DEFAULT_GROUP) {
+                groups.push(GroupSlots {
+                    group: fleetlock::DEFAULT_GROUP.to_string(),
+                    slots: default_slots,
+                    in_use: 0,
+                });
+            }
+            axum::Json(CoordinatorStatus {
+                default_slots,
+                groups,
+            })
+            .into_response()
+        }
+        Err(e) => {
+            Metrics::inc(&c.metrics.etcd_errors);
+            Failure(
+                ErrorKind::EtcdUnavailable,
+                format!("cannot read the reboot groups from etcd: {e}"),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Checks auth, the protocol header and the body; the error is the answer to send.

@@ -186,6 +186,21 @@ async function overviewPage() {
   return `<h1>Fleet</h1><div class="cards">${cards}</div>`;
 }
 
+// Reboot slots in use at the coordinator: "in use / total", or why they are not known.
+function slotsFigure(r) {
+  let n = "–", l = "reboot slots: no coordinator configured (serve --coordinator URL)", cls = "muted";
+  if (r && r.state === "known") {
+    n = `${r.in_use} / ${r.total}`;
+    l = "reboot slots in use" + (r.groups.length > 1 ? " (" + r.groups.map(g => `${esc(g.group)} ${g.in_use}/${g.slots}`).join(", ") + ")" : "");
+    cls = "";
+  } else if (r && r.state === "unavailable") {
+    n = "?";
+    l = `reboot slots: coordinator unavailable (${esc(r.error)})`;
+    cls = "error";
+  }
+  return `<div class="figure" id="slots" data-state="${esc(r ? r.state : "")}"><div class="n" id="fig-slots">${n}</div><div class="l ${cls}" id="slots-note">${l}</div></div>`;
+}
+
 async function channelPage(name, query) {
   const range = query.get("range") || "day";
   const v = await api("GET", `/api/v1/series/${encodeURIComponent(name)}?range=${encodeURIComponent(range)}`);
@@ -214,6 +229,7 @@ async function channelPage(name, query) {
       <div class="figure"><div class="n" id="fig-actual">${pct(v.total_hosts ? v.updated_hosts * 100 / v.total_hosts : 0)}</div><div class="l">actual share updated</div></div>
       <div class="figure"><div class="n" id="fig-target">${pct(v.current_percent)}</div><div class="l">target of the ramp</div></div>
       <div class="figure"><div class="n" id="fig-failure">${pct(v.halt_failure_percent)}</div><div class="l">failures ${v.halt_failures} of ${v.halt_reports} reports</div></div>
+      ${slotsFigure(v.reboot_slots)}
       <div class="figure"><div class="n" id="fig-threshold">${threshold == null ? "none" : pct(threshold)}</div><div class="l">auto-halt threshold${v.halt_min_reports != null ? ` (min ${v.halt_min_reports} reports)` : ""}</div></div>
     </div>
     <div class="toolbar"><span class="ranges">${ranges}</span><span style="flex:1"></span>${admin}</div>

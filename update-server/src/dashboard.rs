@@ -27,8 +27,10 @@ use crate::server::{Shared, json_error};
 use crate::store::Store;
 
 mod live;
+mod slots;
 
 pub use live::{Marks, end_streams_on, read_marks};
+pub use slots::{RebootSlots, reboot_slots};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../assets/dashboard.js");
@@ -166,6 +168,8 @@ pub struct ChannelView {
     pub halt_threshold_percent: Option<f64>,
     pub halt_min_reports: Option<u64>,
     pub activity: Vec<crate::store::ActivityRow>,
+    /// Reboot slots in use at the coordinator (`serve --coordinator`).
+    pub reboot_slots: RebootSlots,
     pub series: serde_json::Value,
 }
 
@@ -177,11 +181,15 @@ async fn channel_view(
     let range = Range::parse(q.range.as_deref().unwrap_or("day"))
         .map_err(|e| json_error(StatusCode::BAD_REQUEST, e))?;
     let now = s.now();
-    match build_channel_view(&s.store, &channel, range, now)
-        .await
-        .or_500()?
-    {
-        Some(v) => Ok(Json(v).into_response()),
+    let (view, slots) = tokio::join!(
+        build_channel_view(&s.store, &channel, range, now),
+        reboot_slots(s.coordinator.as_ref())
+    );
+    match view.or_500()? {
+        Some(mut v) => {
+            v.reboot_slots = slots;
+            Ok(Json(v).into_response())
+        }
         None => Err(json_error(
             StatusCode::NOT_FOUND,
             format!("channel {channel} does not exist"),
@@ -190,7 +198,7 @@ async fn channel_view(
 }
 
 /// Builds the view of one channel over `range` ending at `now`; `None` if there is no such
-/// channel.
+/// channel. The reboot slots are left `NotConfigured` (the handler asks the coordinator).
 pub async fn build_channel_view(
     store: &Store,
     channel: &str,
@@ -254,6 +262,7 @@ pub async fn build_channel_view(
         halt_threshold_percent: halt.as_ref().map(|h| h.max_failure_percent),
         halt_min_reports: halt.as_ref().map(|h| h.min_reports),
         activity,
+        reboot_slots: RebootSlots::NotConfigured,
         series: serde_json::to_value(&s)?,
     }))
 }

@@ -123,6 +123,7 @@ pub fn render(view: &Value, width: usize, now: i64) -> Vec<String> {
             .as_u64()
             .map_or(String::new(), |m| format!(" (min {m} reports)")),
     ));
+    out.push(reboot_slots_line(&view["reboot_slots"]));
     let series = &view["series"];
     let span = match series["step"].as_i64() {
         Some(60) => "last hour",
@@ -162,6 +163,40 @@ pub fn render(view: &Value, width: usize, now: i64) -> Vec<String> {
     out.into_iter()
         .map(|l| l.chars().take(width).collect())
         .collect()
+}
+
+/// The coordinator's reboot slots, as the view reports them.
+fn reboot_slots_line(r: &Value) -> String {
+    match r["state"].as_str() {
+        Some("known") => {
+            let groups = r["groups"].as_array().cloned().unwrap_or_default();
+            let detail = if groups.len() > 1 {
+                let parts: Vec<String> = groups
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "{} {}/{}",
+                            g["group"].as_str().unwrap_or("?"),
+                            g["in_use"],
+                            g["slots"]
+                        )
+                    })
+                    .collect();
+                format!("   ({})", parts.join(", "))
+            } else {
+                String::new()
+            };
+            format!(
+                "Reboots   {} / {} slots in use{detail}",
+                r["in_use"], r["total"]
+            )
+        }
+        Some("unavailable") => format!(
+            "Reboots   coordinator unavailable: {}",
+            r["error"].as_str().unwrap_or("?")
+        ),
+        _ => "Reboots   no coordinator configured".to_string(),
+    }
 }
 
 async fn fetch(http: &reqwest::Client, cfg: &WatchConfig) -> Result<Value> {
@@ -296,6 +331,21 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn reboot_slot_lines() {
+        let known = json!({"state": "known", "in_use": 2, "total": 3, "groups": [
+            {"group": "default", "slots": 2, "in_use": 1}, {"group": "db", "slots": 1, "in_use": 1}]});
+        assert_eq!(
+            reboot_slots_line(&known),
+            "Reboots   2 / 3 slots in use   (default 1/2, db 1/1)"
+        );
+        let down = json!({"state": "unavailable", "error": "cannot reach http://c/v1/status"});
+        assert_eq!(
+            reboot_slots_line(&down),
+            "Reboots   coordinator unavailable: cannot reach http://c/v1/status"
+        );
+    }
+
+    #[test]
     fn renders_progress_versions_failures_and_activity() {
         let v = json!({
             "channel": "beta", "release": "2.0.0", "paused": true, "auto_halted": true,
@@ -321,6 +371,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("complete 21  error 3"), "{text}");
+        assert!(
+            text.contains("Reboots   no coordinator configured"),
+            "{text}"
+        );
         assert!(text.contains("rollout_halted"), "{text}");
         assert!(lines.iter().all(|l| l.chars().count() <= 100));
     }

@@ -282,6 +282,13 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
     assert_eq!(page.text("#fig-failure").await, "12.5%");
     assert_eq!(page.text("#fig-threshold").await, "25.0%");
     assert_eq!(page.text("#state").await, "rolling");
+    // This server has no reboot coordinator (`serve --coordinator`): the page says so.
+    assert_eq!(page.text("#fig-slots").await, "–");
+    assert!(
+        page.text("#slots-note")
+            .await
+            .contains("no coordinator configured")
+    );
     // The charts: two versions stacked; the failed reports add up to 3, the healthy ones to 21.
     let polys = page
         .eval(

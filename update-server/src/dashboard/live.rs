@@ -2,8 +2,8 @@
 //! that says "something changed" within [`POLL`] of a check-in, an event, a pause or a promotion.
 //!
 //! One poller per server (started by the first open stream, stopped with the last) reads a few
-//! change marks ([`Marks`]: the newest history row, activity row and check-in time, and a digest
-//! of the channels and rollouts) and publishes them on a `watch` channel; every stream forwards
+//! change marks ([`Marks`]: the newest history row, activity row and check-in time, a digest
+//! of the channels and rollouts, and one of the reboot slots in use) and publishes them on a `watch` channel; every stream forwards
 //! each new value as a `change` event. The page then re-reads the JSON of what it shows, so the
 //! stream carries no view of its own and needs no per-page logic. Streams end when the server
 //! shuts down ([`end_streams_on`]), so a graceful shutdown does not wait for open dashboards.
@@ -39,9 +39,12 @@ pub struct Marks {
     pub seen: i64,
     /// Digest of the channels and rollouts (releases, policies, pause states).
     pub config: u64,
+    /// Digest of the reboot slots seen at the coordinator.
+    pub slots: u64,
 }
 
-/// Reads the marks: three index lookups and the two small configuration tables.
+/// Reads the marks: three index lookups, the two small configuration tables and the reboot
+/// coordinator's (cached) status.
 pub async fn read_marks(state: &AppState) -> Result<Marks> {
     let store = &state.store;
     let r = sqlx::query(
@@ -52,11 +55,14 @@ pub async fn read_marks(state: &AppState) -> Result<Marks> {
     let mut digest = DefaultHasher::new();
     serde_json::to_string(&store.channels().await?)?.hash(&mut digest);
     serde_json::to_string(&store.rollouts(None).await?)?.hash(&mut digest);
+    let mut slots = DefaultHasher::new();
+    serde_json::to_string(&super::reboot_slots(state.coordinator.as_ref()).await)?.hash(&mut slots);
     Ok(Marks {
         history: r.try_get("history")?,
         activity: r.try_get("activity")?,
         seen: r.try_get("seen")?,
         config: digest.finish(),
+        slots: slots.finish(),
     })
 }
 
