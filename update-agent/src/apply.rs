@@ -429,6 +429,15 @@ struct ReadBack {
     disk: String,
 }
 
+/// From the write stage to the read-back stage.
+enum Written {
+    /// Slot bytes `[offset, offset + len)` are written: sync them and read them back.
+    Range(u64, u64),
+    /// A zstd frame ended at these body and image offsets; everything before is in earlier
+    /// ranges. Persist it as the resume point.
+    Checkpoint { body: u64, image: u64 },
+}
+
 enum ImageMsg {
     Data(Vec<u8>),
     /// A zstd frame ended after this many body bytes (counted from the start of the body).
@@ -468,13 +477,13 @@ impl Pipeline<'_> {
         let (image_tx, image_rx) = sync_channel::<ImageMsg>(QUEUE);
         // Written image buffers go back to the decoder instead of being freed and reallocated.
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(QUEUE + 2);
-        // Ranges of the slot written and ready to be read back, in order.
-        let (written_tx, written_rx) = sync_channel::<(u64, u64)>(1024);
+        // Ranges of the slot written and ready to be read back, and checkpoints, in order.
+        let (written_tx, written_rx) = sync_channel::<Written>(1024);
         let (r, d, w, v) = std::thread::scope(|s| {
             let fetch = s.spawn(move || self.fetch(reader, source, body_tx, body_free_rx));
             let decode = s.spawn(move || self.decode(body_rx, body_free_tx, image_tx, free_rx));
-            let verify = s.spawn(move || self.read_back(readback, written_rx));
-            let w = self.write(image_rx, sink, checkpoint, free_tx, written_tx);
+            let verify = s.spawn(move || self.read_back(readback, written_rx, checkpoint));
+            let w = self.write(image_rx, sink, free_tx, written_tx);
             (
                 fetch.join().expect("fetch thread"),
                 decode.join().expect("decode thread"),
@@ -491,8 +500,14 @@ impl Pipeline<'_> {
 
     /// Stage 4: makes each written range durable and reads it back (from the medium unless
     /// configured otherwise) into a running SHA-256, overlapping with the stream. Reading and
-    /// hashing run on two threads so the device and the CPU work at the same time.
-    fn read_back(&self, rb: ReadBack, rx: Receiver<(u64, u64)>) -> AgentResult<(u64, [u8; 32])> {
+    /// hashing run on two threads so the device and the CPU work at the same time. Checkpoints
+    /// are persisted here, once the range before them is durable, off the write path.
+    fn read_back(
+        &self,
+        rb: ReadBack,
+        rx: Receiver<Written>,
+        checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
+    ) -> AgentResult<(u64, [u8; 32])> {
         let ReadBack {
             mut reader,
             mut flush,
@@ -500,23 +515,48 @@ impl Pipeline<'_> {
         } = rb;
         let (data_tx, data_rx) = sync_channel::<(AlignedBuf, usize)>(2);
         let (free_tx, free_rx) = sync_channel::<AlignedBuf>(4);
-        let read = move || -> io::Result<u64> {
+        // Checkpoints are saved on a thread of their own (the state file's fsyncs would hold up
+        // the read-back); a newer one queued behind the one being saved replaces it.
+        let (saved_tx, saved_rx) = sync_channel::<(u64, u64)>(64);
+        let save = move || -> AgentResult<()> {
+            while let Ok(mut latest) = saved_rx.recv() {
+                while let Ok(newer) = saved_rx.try_recv() {
+                    latest = newer;
+                }
+                checkpoint(latest.0, latest.1)?;
+            }
+            Ok(())
+        };
+        let disk_err = |e: io::Error| {
+            AgentError::new(ErrorKind::Disk, format!("{disk}: read-back failed: {e}"))
+        };
+        let read = move || -> AgentResult<u64> {
             let mut done = 0u64;
-            for (offset, len) in rx {
+            for msg in rx {
+                let (offset, len) = match msg {
+                    Written::Range(offset, len) => (offset, len),
+                    Written::Checkpoint { body, image } => {
+                        // The ranges before it are durable: they were flushed above.
+                        debug_assert!(image <= done);
+                        // A closed channel means saving failed; the saver reports why.
+                        let _ = saved_tx.send((body, image));
+                        continue;
+                    }
+                };
                 debug_assert_eq!(offset, done);
-                flush(offset, len)?;
+                flush(offset, len).map_err(disk_err)?;
                 let mut left = len;
                 while left > 0 {
                     let mut buf = free_rx
                         .try_recv()
                         .unwrap_or_else(|_| AlignedBuf::new(IMAGE_CHUNK));
                     let want = left.min(IMAGE_CHUNK as u64) as usize;
-                    let n = read_full(&mut *reader, &mut buf[..want])?;
+                    let n = read_full(&mut *reader, &mut buf[..want]).map_err(disk_err)?;
                     if n == 0 {
-                        return Err(io::Error::new(
+                        return Err(disk_err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             format!("slot ends after {done} bytes"),
-                        ));
+                        )));
                     }
                     done += n as u64;
                     left -= n as u64;
@@ -527,7 +567,8 @@ impl Pipeline<'_> {
             }
             Ok(done)
         };
-        let (hashed, digest, read) = std::thread::scope(|s| {
+        let (hashed, digest, read, saved) = std::thread::scope(|s| {
+            let saving = s.spawn(save);
             let reading = s.spawn(read);
             let mut hasher = StreamDigest::new();
             let mut hashed = 0u64;
@@ -541,11 +582,11 @@ impl Pipeline<'_> {
                 hashed,
                 digest,
                 reading.join().expect("read-back reader thread"),
+                saving.join().expect("checkpoint thread"),
             )
         });
-        read.map_err(|e| {
-            AgentError::new(ErrorKind::Disk, format!("{disk}: read-back failed: {e}"))
-        })?;
+        read?;
+        saved?;
         Ok((hashed, digest))
     }
 
@@ -739,15 +780,14 @@ impl Pipeline<'_> {
         Ok(StageEnd::Done)
     }
 
-    /// Stage 3: writes the image; checkpoints at frame ends. (Its digest is checked on what the
-    /// read-back stage reads from the slot.)
+    /// Stage 3: writes the image; asks for checkpoints at frame ends. (Its digest is checked on
+    /// what the read-back stage reads from the slot.)
     fn write(
         &self,
         rx: Receiver<ImageMsg>,
         sink: &mut dyn SlotSink,
-        checkpoint: &mut (dyn FnMut(u64, u64) -> AgentResult<()> + Send),
         free: SyncSender<Vec<u8>>,
-        written: SyncSender<(u64, u64)>,
+        written: SyncSender<Written>,
     ) -> AgentResult<()> {
         let image = self.header.manifest().image;
         let mut pos = self.start_image;
@@ -758,7 +798,7 @@ impl Pipeline<'_> {
         let hand_over = |upto: u64, from: &mut u64| {
             if upto > *from {
                 // A closed channel means the read-back thread failed; it reports why.
-                let _ = written.send((*from, upto - *from));
+                let _ = written.send(Written::Range(*from, upto - *from));
                 *from = upto;
             }
         };
@@ -792,8 +832,13 @@ impl Pipeline<'_> {
                 }
                 ImageMsg::FrameEnd(body_offset) => {
                     if pos - last_checkpoint >= self.policy.checkpoint_every {
-                        sink.sync().map_err(disk_err)?;
-                        checkpoint(body_offset, pos)?;
+                        // The read-back stage syncs the range up to here, then persists the
+                        // checkpoint: the write path does not wait for the device.
+                        hand_over(pos, &mut readback_from);
+                        let _ = written.send(Written::Checkpoint {
+                            body: body_offset,
+                            image: pos,
+                        });
                         last_checkpoint = pos;
                     }
                 }
