@@ -584,6 +584,8 @@ impl Agent {
                 ),
             ));
         }
+        // Before the offer is looked at: an operator may have lifted the very version offered.
+        self.lift_quarantine(&mut s, &app.lift_quarantine)?;
         let offer = match &app.update_check {
             None | Some(omaha::UpdateCheckResponse::NoUpdate) => return Ok(CheckOutcome::NoUpdate),
             Some(omaha::UpdateCheckResponse::Other(status)) => {
@@ -621,6 +623,28 @@ impl Agent {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Forgets the quarantine of the versions an operator lifted on the update server
+    /// (`update-server instances lift-quarantine`), in one atomic state write, with a log line
+    /// per version and a state-change signal. Versions not quarantined here are ignored (the
+    /// server repeats a lift until the host reports the version).
+    fn lift_quarantine(&mut self, s: &mut PersistentState, lifted: &[String]) -> AgentResult<()> {
+        let lifted: Vec<String> = lifted
+            .iter()
+            .filter(|v| s.is_quarantined(v))
+            .cloned()
+            .collect();
+        if lifted.is_empty() {
+            return Ok(());
+        }
+        s.quarantined.retain(|q| !lifted.contains(q));
+        self.save(s)?;
+        for version in &lifted {
+            tracing::info!(version = %version, "quarantine lifted by the update server: this version may be installed again");
+        }
+        self.publish();
+        Ok(())
     }
 
     /// Installs from a source (a URL from an offer, or a local bundle). Reports Omaha events when

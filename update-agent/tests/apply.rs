@@ -203,25 +203,9 @@ fn resumes_after_an_agent_restart_from_the_saved_offset() {
     assert!(t.state().download.is_none());
 }
 
-/// A bundle as `image-tool bundle` writes it (independent zstd frames of
-/// `FRAME_IMAGE_BYTES` of image each), and the body offsets where its frames end.
-fn real_bundle(t: &Setup, version: &str, img: &[u8]) -> (Vec<u8>, Vec<u64>) {
-    let mut scratch = std::io::Cursor::new(Vec::new());
-    let mut out = Vec::new();
-    twinroot_format::bundle::write_bundle(
-        img,
-        &twinroot_format::bundle::ReleaseInfo {
-            os_version: version.parse().unwrap(),
-            created_unix: 1_700_000_000,
-            min_source_version: None,
-            board: None,
-        },
-        &t.keys.signing,
-        3,
-        &mut scratch,
-        &mut out,
-    )
-    .unwrap();
+/// A bundle as `image-tool bundle` writes it, and the body offsets where its frames end.
+fn real_bundle_and_frames(t: &Setup, version: &str, img: &[u8]) -> (Vec<u8>, Vec<u64>) {
+    let out = real_bundle(version, img, &t.keys.signing);
     let mut body = &out[header_len(&out) as usize..];
     let mut ends = Vec::new();
     let mut at = 0u64;
@@ -242,7 +226,7 @@ fn resumes_a_multi_frame_download_after_sigkill() {
     let t = setup(112 * MIB);
     let a_digest = slot_digest(&t.disk, SlotName::A);
     let img = image(104 * MIB as usize, 12);
-    let (bundle, frame_ends) = real_bundle(&t, "2.0.0", &img);
+    let (bundle, frame_ends) = real_bundle_and_frames(&t, "2.0.0", &img);
     assert_eq!(frame_ends.len(), 4, "frames of 32 MiB: {frame_ends:?}");
     let hl = header_len(&bundle);
     let body_len = bundle.len() as u64 - hl;

@@ -33,6 +33,7 @@ struct World {
     reboots: Arc<AtomicU32>,
     image: Vec<u8>,
     bundle_size: u64,
+    signing: Vec<ed25519_dalek::SigningKey>,
 }
 
 fn world(strategy_lock: bool) -> World {
@@ -69,6 +70,7 @@ fn world(strategy_lock: bool) -> World {
         reboots: Arc::new(AtomicU32::new(0)),
         image: img,
         bundle_size: size,
+        signing: keys.signing,
         dir,
     }
 }
@@ -88,6 +90,17 @@ impl World {
 
     /// A fresh agent process on the host as it booted now.
     fn agent(&self, booted: SlotName, version: &str, strategy: RebootStrategy) -> Agent {
+        self.agent_of(&self.server.url("/v1/update/"), booted, version, strategy)
+    }
+
+    /// The same, asking the update server at `omaha_url`.
+    fn agent_of(
+        &self,
+        omaha_url: &str,
+        booted: SlotName,
+        version: &str,
+        strategy: RebootStrategy,
+    ) -> Agent {
         let client = http_client(Duration::from_secs(10)).unwrap();
         let lock: Option<Box<dyn RebootLock>> =
             (strategy == RebootStrategy::Coordinated).then(|| {
@@ -105,7 +118,7 @@ impl World {
             omaha: Some(Box::new(HttpOmaha {
                 client: client.clone(),
                 rt: self.rt.handle().clone(),
-                url: self.server.url("/v1/update/"),
+                url: omaha_url.to_string(),
             })),
             sources: Box::new(RealSources {
                 client,
@@ -441,4 +454,90 @@ fn coordinated_reboot_waits_for_the_lock_and_the_maintenance_window() {
     );
     assert_eq!(w.reboots.load(Ordering::SeqCst), 1);
     assert!(w.state().reboot_lock_held);
+}
+
+/// The whole loop with the real update-server process: the host rolls back from 2.0.0 and
+/// quarantines it; the server stops offering it to this host; an operator lifts the quarantine
+/// (`update-server instances lift-quarantine`); the agent forgets its own quarantine on its next
+/// check and installs 2.0.0.
+#[test]
+fn a_quarantine_lifted_on_the_update_server_lets_the_host_install_the_release_again() {
+    let w = world(false);
+    hook(
+        &w.checks_dir("2.0.0"),
+        "required.d",
+        "50-app",
+        "echo app down >&2; exit 1",
+    );
+    let server = UpdateServerProcess::start(w.dir.path(), &w.keyring);
+    let img = image(3 * MIB as usize, 21);
+    let bundle = w.dir.path().join("2.0.0.bundle");
+    std::fs::write(&bundle, real_bundle("2.0.0", &img, &w.signing)).unwrap();
+    server.cli(&["release", "upload"], &[bundle.to_str().unwrap()]);
+    server.cli(
+        &["release", "promote"],
+        &["2.0.0", "--channel", "stable", "--force"],
+    );
+    let omaha = format!("{}/v1/update/", server.base);
+    let agent_on = |slot, version| w.agent_of(&omaha, slot, version, RebootStrategy::Immediate);
+
+    // 1.0.0 installs 2.0.0, boots it, fails the required check, reverts.
+    let mut agent = agent_on(SlotName::A, "1.0.0");
+    assert_eq!(agent.after_boot().unwrap(), BootOutcome::Steady);
+    let installed = CheckOutcome::Installed {
+        version: "2.0.0".into(),
+    };
+    assert_eq!(agent.check().unwrap(), installed);
+    assert_eq!(
+        agent.reboot_if_due(false).unwrap(),
+        RebootDecision::Rebooted
+    );
+    assert_eq!(w.power_cycle(), SlotName::B);
+    let mut agent = agent_on(SlotName::B, "2.0.0");
+    assert!(matches!(
+        agent.after_boot().unwrap(),
+        BootOutcome::MarkedBad { .. }
+    ));
+    assert_eq!(
+        agent.reboot_if_due(false).unwrap(),
+        RebootDecision::Rebooted
+    );
+    assert_eq!(w.power_cycle(), SlotName::A);
+    let mut agent = agent_on(SlotName::A, "1.0.0");
+    assert_eq!(
+        agent.after_boot().unwrap(),
+        BootOutcome::RolledBack {
+            version: "2.0.0".into()
+        }
+    );
+    assert!(w.state().is_quarantined("2.0.0"));
+
+    // Quarantined on both sides: the next check installs nothing.
+    let outcome = agent.check().unwrap();
+    assert!(
+        matches!(
+            &outcome,
+            CheckOutcome::NoUpdate | CheckOutcome::Refused { .. }
+        ),
+        "{outcome:?}"
+    );
+    assert!(!slots(&w.disk)[1].attrs.is_bootable());
+    assert!(w.state().is_quarantined("2.0.0"));
+
+    // The operator lifts it; the agent's next check forgets the quarantine and installs.
+    server.cli(&["instances", "lift-quarantine"], &["machine-1", "2.0.0"]);
+    let signals = Arc::new(AtomicU32::new(0));
+    let counter = signals.clone();
+    agent.observer = Some(Box::new(move |_| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    assert_eq!(agent.check().unwrap(), installed);
+    assert!(!w.state().is_quarantined("2.0.0"));
+    assert!(signals.load(Ordering::SeqCst) > 0);
+    assert_eq!(slot_bytes(&w.disk, SlotName::B, img.len() as u64), img);
+    let s = slots(&w.disk);
+    assert_eq!(
+        twinroot_format::slot::choose_boot(&s).unwrap().slot,
+        SlotName::B
+    );
 }

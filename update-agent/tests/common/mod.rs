@@ -535,3 +535,135 @@ pub fn omaha_response(app_id: &str, offer: Option<(&str, &str, &str, u64)>) -> S
 }
 
 pub const APP_ID: &str = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}";
+
+/// A bundle as `image-tool bundle` writes it (`bundle::write_bundle`: independent zstd frames of
+/// `FRAME_IMAGE_BYTES` of image each, level 3).
+pub fn real_bundle(version: &str, image: &[u8], keys: &[ed25519_dalek::SigningKey]) -> Vec<u8> {
+    let mut scratch = std::io::Cursor::new(Vec::new());
+    let mut out = Vec::new();
+    bundle::write_bundle(
+        image,
+        &bundle::ReleaseInfo {
+            os_version: version.parse().unwrap(),
+            created_unix: 1_700_000_000,
+            min_source_version: None,
+            board: None,
+        },
+        keys,
+        3,
+        &mut scratch,
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// A workspace binary (`update-server`): `TWINROOT_BIN_DIR`, else next to the test binary
+/// (`cargo build -p update-server` puts it there).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    std::env::var_os("TWINROOT_BIN_DIR")
+        .map(|d| PathBuf::from(d).join(name))
+        .into_iter()
+        .chain(exe.ancestors().skip(1).take(2).map(|d| d.join(name)))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "binary {name} not found next to {} (cargo build -p {name}, or set TWINROOT_BIN_DIR)",
+                exe.display()
+            )
+        })
+}
+
+/// A real `update-server serve` process (SQLite under `dir/server`) on a free loopback port, with
+/// an admin token; killed on drop.
+pub struct UpdateServerProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub token: String,
+    log: PathBuf,
+}
+
+impl UpdateServerProcess {
+    pub fn start(dir: &Path, keyring: &Path) -> UpdateServerProcess {
+        let program = workspace_binary("update-server");
+        let data = dir.join("server");
+        std::fs::create_dir_all(&data).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join("update-server.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&program)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--keyring")
+            .arg(keyring)
+            .env("RUST_LOG", "warn")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut server = UpdateServerProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            log,
+        };
+        wait_for(
+            "the update server to listen",
+            Duration::from_secs(60),
+            || {
+                if let Some(status) = server.child.try_wait().unwrap() {
+                    panic!("update-server exited ({status}): {}", server.log_text());
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
+        let out = Command::new(&program)
+            .args(["token", "create", "--role", "admin", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "token create: {}", text(&out));
+        server.token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        server
+    }
+
+    /// `update-server SUBCOMMAND... --server URL --token T ARGS...`; panics naming its output if
+    /// it fails.
+    pub fn cli(&self, subcommand: &[&str], args: &[&str]) -> String {
+        let out = Command::new(workspace_binary("update-server"))
+            .args(subcommand)
+            .args(["--server", &self.base, "--token", &self.token])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "update-server {subcommand:?} {args:?}: {}\nserver log:\n{}",
+            text(&out),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for UpdateServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
