@@ -102,12 +102,17 @@ function svg(id, body, title) {
   return `<svg id="${id}" viewBox="0 0 ${W} ${H}" role="img" aria-label="${esc(title)}">${body}</svg>`;
 }
 
+// The frame of a stacked chart: its scale fits the highest total of a bucket.
+function stackFrame(buckets, step, lines) {
+  const tot = buckets.map((_, i) => lines.reduce((a, l) => a + l[1][i], 0));
+  const ymax = nice(Math.max(1, ...tot));
+  return { ymax, body: frame(buckets, step, ymax, v => Math.round(v)) };
+}
+
 // Stacked areas: lines = [[name, values, color]].
 function stackedArea(id, title, buckets, step, lines) {
   const n = buckets.length;
-  const tot = buckets.map((_, i) => lines.reduce((a, l) => a + l[1][i], 0));
-  const ymax = nice(Math.max(1, ...tot));
-  let body = frame(buckets, step, ymax, v => Math.round(v));
+  let { ymax, body } = stackFrame(buckets, step, lines);
   const base = new Array(n).fill(0);
   for (const [name, vals, color] of lines) {
     const top = base.map((b, i) => b + vals[i]);
@@ -123,9 +128,7 @@ function stackedArea(id, title, buckets, step, lines) {
 // Stacked bars per bucket.
 function stackedBars(id, title, buckets, step, lines) {
   const n = buckets.length;
-  const tot = buckets.map((_, i) => lines.reduce((a, l) => a + l[1][i], 0));
-  const ymax = nice(Math.max(1, ...tot));
-  let body = frame(buckets, step, ymax, v => Math.round(v));
+  let { ymax, body } = stackFrame(buckets, step, lines);
   const base = new Array(n).fill(0);
   for (const [name, vals, color] of lines) {
     for (let i = 0; i < n; i++) {

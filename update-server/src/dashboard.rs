@@ -24,7 +24,7 @@ use crate::api::hash_token;
 use crate::policy;
 use crate::series::{self, ChannelSeries, Range};
 use crate::server::{Shared, json_error};
-use crate::store::Store;
+use crate::store::{Store, TokenRole};
 
 mod live;
 mod slots;
@@ -107,22 +107,29 @@ async fn style() -> Response {
         .into_response()
 }
 
-/// Any valid token may read.
-async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    let token = req
-        .headers()
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
+        .map(str::trim)
+}
+
+/// Any valid token may read.
+async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(token) = bearer(req.headers()) else {
         return json_error(
             StatusCode::UNAUTHORIZED,
             "missing bearer token (Authorization: Bearer TOKEN)",
         );
     };
-    match state.store.token_role(&hash_token(token)).await {
-        Ok(Some(_)) => next.run(req).await,
+    match state.store.token_status(&hash_token(token)).await {
+        Ok(Some(TokenRole::Active(_))) => next.run(req).await,
+        Ok(Some(TokenRole::Revoked)) => json_error(
+            StatusCode::UNAUTHORIZED,
+            "this token was revoked; ask an operator for a new one",
+        ),
         Ok(None) => json_error(StatusCode::UNAUTHORIZED, "unknown token"),
         Err(e) => internal(e),
     }
@@ -130,12 +137,7 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
 
 /// The role of the caller's token (the pages show write buttons to admins only).
 async fn whoami(State(s): State<Shared>, headers: axum::http::HeaderMap) -> ApiResult {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
+    let token = bearer(&headers).unwrap_or_default();
     let role = s.store.token_role(&hash_token(token)).await.or_500()?;
     Ok(Json(serde_json::json!({ "role": role })).into_response())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::*;
-use dashboard_fleet::{FleetSpec, seed};
+use dashboard_fleet::{FleetSpec, forty_hosts_policy, seed};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -211,6 +211,21 @@ impl Page {
         .to_string()
     }
 
+    /// Fills in the login form with `token` and waits for the rollout page as `role`.
+    async fn log_in(&mut self, token: &str, role: &str) {
+        self.wait("the login form", "document.getElementById('token')")
+            .await;
+        self.type_into("#token", token).await;
+        self.click("#login button").await;
+        self.wait(
+            &format!("the rollout page as {role}"),
+            &format!(
+                "document.getElementById('fig-updated') && document.getElementById('who').textContent === '{role}'"
+            ),
+        )
+        .await;
+    }
+
     async fn screenshot(&mut self, path: &Path) {
         let r = self
             .call(
@@ -233,25 +248,8 @@ fn screenshot_path() -> PathBuf {
 async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
     let s = TestServer::start().await;
     s.release_on("2.0.0", "beta").await;
-    s.put(
-        "/api/v1/rollouts/beta",
-        json!({"policy": {"start_percent": 10, "ramp": {"kind": "linear", "duration_secs": 86400},
-               "halt": {"max_failure_percent": 25, "min_reports": 5}}}),
-    )
-    .await;
-    let now = chrono::Utc::now().timestamp();
-    let spec = FleetSpec {
-        channel: "beta".into(),
-        old: "1.0.0".into(),
-        release: "2.0.0".into(),
-        hosts: 40,
-        start: now - 20 * 3600,
-        now,
-        grant_after: 3600,
-        grant_every: 2400,
-        granted: 24,
-        fail_every: 8,
-    };
+    s.put("/api/v1/rollouts/beta", forty_hosts_policy()).await;
+    let spec = FleetSpec::forty_hosts(chrono::Utc::now().timestamp());
     let fig = seed(&s.state.store, &spec).await;
     assert_eq!((fig.granted, fig.updated, fig.failed), (24, 21, 3));
 
@@ -264,15 +262,7 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
     )
     .await;
     // Not logged in: the login form; an admin token logs in.
-    page.wait("the login form", "document.getElementById('token')")
-        .await;
-    page.type_into("#token", &s.admin).await;
-    page.click("#login button").await;
-    page.wait(
-        "the rollout page",
-        "document.getElementById('fig-updated') && document.getElementById('who').textContent === 'admin'",
-    )
-    .await;
+    page.log_in(&s.admin, "admin").await;
 
     assert_eq!(page.text("#fig-updated").await, "21 / 40");
     assert_eq!(page.text("#fig-actual").await, "52.5%");
@@ -403,15 +393,7 @@ async fn rollout_page_shows_the_seeded_fleet_and_pauses_from_the_browser() {
     // A viewer sees the same page without write buttons.
     page.eval("sessionStorage.clear(); location.reload(); true")
         .await;
-    page.wait("the login form", "document.getElementById('token')")
-        .await;
-    page.type_into("#token", &s.viewer).await;
-    page.click("#login button").await;
-    page.wait(
-        "the rollout page as a viewer",
-        "document.getElementById('fig-updated') && document.getElementById('who').textContent === 'viewer'",
-    )
-    .await;
+    page.log_in(&s.viewer, "viewer").await;
     assert_eq!(
         page.eval("!!document.getElementById('pause') || !!document.getElementById('resume')")
             .await,

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dashboard_fleet::{FleetSpec, seed};
+use dashboard_fleet::{FleetSpec, forty_hosts_policy, seed};
 use serde_json::json;
 
 /// Stops the private tmux server however the test ends.
@@ -119,27 +119,10 @@ fn start_watch(sock: &Path, url: &str, token: &str) {
 async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
     let s = TestServer::start().await;
     s.release_on("2.0.0", "beta").await;
-    s.put(
-        "/api/v1/rollouts/beta",
-        json!({"policy": {"start_percent": 10, "ramp": {"kind": "linear", "duration_secs": 86400},
-               "halt": {"max_failure_percent": 25, "min_reports": 5}}}),
-    )
-    .await;
-    let now = chrono::Utc::now().timestamp();
+    s.put("/api/v1/rollouts/beta", forty_hosts_policy()).await;
     let fig = seed(
         &s.state.store,
-        &FleetSpec {
-            channel: "beta".into(),
-            old: "1.0.0".into(),
-            release: "2.0.0".into(),
-            hosts: 40,
-            start: now - 20 * 3600,
-            now,
-            grant_after: 3600,
-            grant_every: 2400,
-            granted: 24,
-            fail_every: 8,
-        },
+        &FleetSpec::forty_hosts(chrono::Utc::now().timestamp()),
     )
     .await;
     assert_eq!((fig.updated, fig.failed), (21, 3));
@@ -213,31 +196,24 @@ async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
 #[tokio::test]
 async fn watch_refuses_a_bad_token_or_channel_before_taking_the_terminal() {
     let s = TestServer::start().await;
-    let bin = env!("CARGO_BIN_EXE_update-server");
-    let url = s.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args(["watch", "nosuch", "--server", &url, "--token", "wrong"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown token"), "{err}");
-    let url = s.url.clone();
-    let viewer = s.viewer.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args(["watch", "nosuch", "--server", &url, "--token", &viewer])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("channel nosuch does not exist"), "{err}");
+    // `watch nosuch` with a token, without a terminal: fails with `expected` on stderr.
+    let refused = |token: String, expected: &'static str| {
+        let url = s.url.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_update-server"))
+                    .args(["watch", "nosuch", "--server", &url, "--token", &token])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(expected), "{err}");
+        }
+    };
+    refused("wrong".into(), "unknown token").await;
+    refused(s.viewer.clone(), "channel nosuch does not exist").await;
     s.stop().await;
 }

@@ -23,6 +23,33 @@ pub struct FleetSpec {
     pub fail_every: usize,
 }
 
+impl FleetSpec {
+    /// The fleet the browser and terminal tests show: 40 hosts on beta, the rollout of 2.0.0
+    /// started 20 hours before `now`, a grant every 40 minutes from the first hour (24 granted),
+    /// every 8th granted host failing: 21 updated, 3 failed.
+    pub fn forty_hosts(now: i64) -> FleetSpec {
+        FleetSpec {
+            channel: "beta".into(),
+            old: "1.0.0".into(),
+            release: "2.0.0".into(),
+            hosts: 40,
+            start: now - 20 * 3600,
+            now,
+            grant_after: 3600,
+            grant_every: 2400,
+            granted: 24,
+            fail_every: 8,
+        }
+    }
+}
+
+/// The rollout policy of [`FleetSpec::forty_hosts`] (`PUT /api/v1/rollouts/beta`): linear from
+/// 10% to 100% over 24 hours (85% after 20 hours), halting above 25% failures of at least 5.
+pub fn forty_hosts_policy() -> serde_json::Value {
+    serde_json::json!({"policy": {"start_percent": 10, "ramp": {"kind": "linear", "duration_secs": 86400},
+           "halt": {"max_failure_percent": 25, "min_reports": 5}}})
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FleetFigures {
     pub updated: i64,
