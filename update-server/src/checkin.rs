@@ -79,18 +79,61 @@ struct Job {
     reply: oneshot::Sender<Result<Answer>>,
 }
 
-/// Handle to the writer task.
+/// Handle to the writer.
 #[derive(Clone)]
 pub struct Checkins {
     jobs: mpsc::Sender<Job>,
+    /// Asks the writer to stop after the batch it is recording.
+    stop: tokio_util::sync::CancellationToken,
+    /// Fires when the writer has stopped and closed its database connection.
+    stopped: std::sync::Arc<tokio::sync::Mutex<Option<oneshot::Receiver<()>>>>,
 }
 
 impl Checkins {
-    /// Starts the writer task for `store`; it ends when every handle is dropped.
-    pub fn start(store: Store) -> Checkins {
+    /// Starts the writer for `store`; it ends when every handle is dropped. On SQLite the writer
+    /// is a thread with its own synchronous connection (no hand-offs to a database worker per
+    /// statement); on PostgreSQL it is a task using the store's pool.
+    pub fn start(store: Store) -> Result<Checkins> {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(store, rx));
-        Checkins { jobs: tx }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let rx = WriterInput {
+            jobs: rx,
+            stop: stop.clone(),
+            stopped: stopped_tx,
+        };
+        match &store.sqlite_path {
+            Some(path) => {
+                let db = crate::sqlite_writer::SqliteBatch::open(path, store.generation_counter())?;
+                std::thread::Builder::new()
+                    .name("checkin-writer".into())
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .expect("a current-thread runtime always builds");
+                        rt.block_on(writer(db, rx));
+                    })
+                    .map_err(|e| anyhow!("cannot start the check-in writer thread: {e}"))?;
+            }
+            None => {
+                tokio::spawn(writer(SqlxBatch { store, tx: None }, rx));
+            }
+        }
+        Ok(Checkins {
+            jobs: tx,
+            stop,
+            stopped: std::sync::Arc::new(tokio::sync::Mutex::new(Some(stopped))),
+        })
+    }
+
+    /// Stops the writer and waits until it closed its database connection (on SQLite the last
+    /// connection to close folds the WAL back into the database file). Check-ins after this
+    /// fail.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        if let Some(stopped) = self.stopped.lock().await.take() {
+            let _ = stopped.await;
+        }
     }
 
     async fn submit(
@@ -128,9 +171,188 @@ struct ConfigCache {
     lifts: HashMap<String, Vec<LiftRow>>,
 }
 
-async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
+/// The database side of one batch of check-ins: everything runs inside one transaction, from
+/// [`BatchDb::begin`] to [`BatchDb::commit`].
+pub(crate) trait BatchDb {
+    async fn begin(&mut self) -> Result<()>;
+    /// The admin-change generation, when this writer is the only one writing the database and
+    /// may reuse channels, rollouts, releases and lifts while it is unchanged (SQLite).
+    fn config_generation(&self) -> Option<u64>;
+    /// Whether a failed batch may be a conflict with another server process worth retrying.
+    fn retry_conflicts(&self) -> bool;
+    async fn channels(&mut self) -> Result<Vec<ChannelRow>>;
+    /// All rollouts; on PostgreSQL locked until the commit.
+    async fn rollouts(&mut self) -> Result<Vec<RolloutRow>>;
+    async fn lifts(&mut self, now: i64) -> Result<Vec<LiftRow>>;
+    async fn instances(&mut self, ids: &[String]) -> Result<Vec<InstanceRow>>;
+    async fn release(&mut self, version: &str) -> Result<Option<ReleaseRow>>;
+    async fn counts(&mut self, key: &CountKey, r: &RolloutRow, now: i64) -> Result<RolloutCounts>;
+    /// Pauses a rollout automatically and records why.
+    async fn halt(&mut self, key: &CountKey, reason: &str, now: i64) -> Result<()>;
+    async fn write(&mut self, changes: &BatchWrites<'_>) -> Result<()>;
+    async fn commit(&mut self) -> Result<()>;
+}
+
+/// What a batch writes before its commit.
+pub(crate) struct BatchWrites<'a> {
+    /// New or changed host records.
+    pub instances: Vec<&'a InstanceRow>,
+    /// Host records whose only changes are `last_seen` and `checkins`.
+    pub touched: Vec<&'a InstanceRow>,
+    pub history: &'a [HistoryRow],
+    pub grants: &'a [Grant],
+    /// (machine id, version)
+    pub ended_lifts: &'a [(String, String)],
+}
+
+/// A new grant: (machine id, channel, rollout group, version, at).
+pub(crate) type Grant = (String, String, String, String, i64);
+
+/// [`BatchDb`] over the store's sqlx pool (PostgreSQL).
+struct SqlxBatch {
+    store: Store,
+    tx: Option<Tx>,
+}
+
+impl SqlxBatch {
+    fn tx(&mut self) -> Result<&mut Tx> {
+        self.tx
+            .as_mut()
+            .ok_or_else(|| anyhow!("check-in batch has no transaction"))
+    }
+}
+
+impl BatchDb for SqlxBatch {
+    async fn begin(&mut self) -> Result<()> {
+        self.tx = None;
+        self.tx = Some(self.store.begin().await?);
+        Ok(())
+    }
+
+    fn config_generation(&self) -> Option<u64> {
+        (self.store.backend == Backend::Sqlite).then(|| self.store.config_generation())
+    }
+
+    fn retry_conflicts(&self) -> bool {
+        self.store.backend == Backend::Postgres
+    }
+
+    async fn channels(&mut self) -> Result<Vec<ChannelRow>> {
+        Store::channels_in(self.tx()?).await
+    }
+
+    async fn rollouts(&mut self) -> Result<Vec<RolloutRow>> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| anyhow!("check-in batch has no transaction"))?;
+        self.store.rollouts_locked(tx).await
+    }
+
+    async fn lifts(&mut self, now: i64) -> Result<Vec<LiftRow>> {
+        Store::quarantine_lifts_in(self.tx()?, now).await
+    }
+
+    async fn instances(&mut self, ids: &[String]) -> Result<Vec<InstanceRow>> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| anyhow!("check-in batch has no transaction"))?;
+        self.store.instances_by_ids(tx, ids).await
+    }
+
+    async fn release(&mut self, version: &str) -> Result<Option<ReleaseRow>> {
+        Store::release_in(self.tx()?, version).await
+    }
+
+    async fn counts(&mut self, key: &CountKey, r: &RolloutRow, now: i64) -> Result<RolloutCounts> {
+        Store::counts(
+            self.tx()?,
+            &key.0,
+            &key.1,
+            &key.2,
+            &r.policy,
+            r.counts_since,
+            now,
+        )
+        .await
+    }
+
+    async fn halt(&mut self, key: &CountKey, reason: &str, now: i64) -> Result<()> {
+        let tx = self.tx()?;
+        Store::set_paused(tx, &key.0, &key.1, Some(reason), true).await?;
+        Store::activity_in(
+            tx,
+            now,
+            "rollout_halted",
+            Some(&key.0),
+            Some(&key.1),
+            Some(&key.2),
+            reason,
+        )
+        .await
+    }
+
+    async fn write(&mut self, w: &BatchWrites<'_>) -> Result<()> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| anyhow!("check-in batch has no transaction"))?;
+        let all: Vec<&InstanceRow> = w.instances.iter().chain(&w.touched).copied().collect();
+        self.store.upsert_instances(tx, &all).await?;
+        self.store.insert_history_many(tx, w.history).await?;
+        for (machine, channel, group, version, at) in w.grants {
+            Store::insert_grant(tx, machine, channel, group, version, *at).await?;
+        }
+        for (machine, version) in w.ended_lifts {
+            Store::end_quarantine_lift(tx, machine, version).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        let tx = self
+            .tx
+            .take()
+            .ok_or_else(|| anyhow!("check-in batch has no transaction"))?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// What the writer listens to.
+struct WriterInput {
+    jobs: mpsc::Receiver<Job>,
+    stop: tokio_util::sync::CancellationToken,
+    stopped: oneshot::Sender<()>,
+}
+
+async fn writer<D: BatchDb>(db: D, input: WriterInput) {
+    let WriterInput {
+        jobs: mut rx,
+        stop,
+        stopped,
+    } = input;
+    record_until_stopped(db, &mut rx, &stop).await;
+    // `db` is dropped (its connection closed) before anyone hears that the writer stopped.
+    let _ = stopped.send(());
+}
+
+async fn record_until_stopped<D: BatchDb>(
+    mut db: D,
+    rx: &mut mpsc::Receiver<Job>,
+    stop: &tokio_util::sync::CancellationToken,
+) {
     let mut cache = ConfigCache::default();
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = rx.recv() => match job {
+                Some(j) => j,
+                None => return,
+            },
+            _ = stop.cancelled() => return,
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -141,9 +363,9 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match record_batch(&store, &jobs, &mut cache).await {
+            match record_batch(&mut db, &jobs, &mut cache).await {
                 // PostgreSQL may abort one of two crossing transactions; try again.
-                Err(e) if attempt < 4 && store.backend == Backend::Postgres => {
+                Err(e) if attempt < 4 && db.retry_conflicts() => {
                     tracing::debug!(error = %e, "retrying check-in batch");
                 }
                 other => break other,
@@ -160,7 +382,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
                 tracing::warn!(error = %format!("{e:#}"), "check-in batch failed; retrying singly");
                 for job in jobs {
                     let one = std::slice::from_ref(&job);
-                    let r = record_batch(&store, one, &mut cache)
+                    let r = record_batch(&mut db, one, &mut cache)
                         .await
                         .map(|mut a| a.pop().expect("one answer"));
                     let _ = job.reply.send(r);
@@ -224,7 +446,7 @@ fn parse_version(v: Option<&str>) -> Option<Version> {
 }
 
 /// (channel, rollout group, release version)
-type CountKey = (String, String, String);
+pub(crate) type CountKey = (String, String, String);
 
 /// Everything one batch reads and changes.
 struct Batch {
@@ -240,44 +462,49 @@ struct Batch {
     /// New grants of this batch per (channel, rollout group).
     new_grants: HashMap<(String, String), u64>,
     history: Vec<HistoryRow>,
-    grants: Vec<(String, String, String, String, i64)>,
+    grants: Vec<Grant>,
     /// Lifts being sent, by machine id (as this batch leaves them).
     lifts: HashMap<String, Vec<LiftRow>>,
     /// Lifts this batch ended: (machine id, version).
     ended_lifts: Vec<(String, String)>,
 }
 
-async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> Result<Vec<Answer>> {
-    let mut tx = store.begin().await?;
-    // Checked after `begin`: on SQLite the one connection is ours now, so any admin change is
+async fn record_batch<D: BatchDb>(
+    db: &mut D,
+    jobs: &[Job],
+    cache: &mut ConfigCache,
+) -> Result<Vec<Answer>> {
+    db.begin().await?;
+    // Read after `begin`: the transaction holds SQLite's write lock now, so any admin change is
     // either committed (and its generation bump visible) or not started.
-    let generation = store.config_generation();
-    let fresh = store.backend == Backend::Sqlite && cache.generation == Some(generation);
+    let generation = db.config_generation();
+    let fresh = generation.is_some() && cache.generation == generation;
     // Until this batch commits, the cache holds nothing reusable.
     cache.generation = None;
     if !fresh {
-        cache.channels = Store::channels_in(&mut tx)
+        cache.channels = db
+            .channels()
             .await?
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
-        cache.rollouts = store
-            .rollouts_locked(&mut tx)
+        cache.rollouts = db
+            .rollouts()
             .await?
             .into_iter()
             .map(|r| ((r.channel.clone(), r.group.clone()), r))
             .collect();
         cache.releases.clear();
         cache.lifts.clear();
-        for l in Store::quarantine_lifts_in(&mut tx, jobs[0].now.timestamp()).await? {
+        for l in db.lifts(jobs[0].now.timestamp()).await? {
             cache.lifts.entry(l.machine_id.clone()).or_default().push(l);
         }
     }
     let mut ids: Vec<String> = jobs.iter().map(|j| j.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
-    let original: HashMap<String, InstanceRow> = store
-        .instances_by_ids(&mut tx, &ids)
+    let original: HashMap<String, InstanceRow> = db
+        .instances(&ids)
         .await?
         .into_iter()
         .map(|i| (i.machine_id.clone(), i))
@@ -297,27 +524,54 @@ async fn record_batch(store: &Store, jobs: &[Job], cache: &mut ConfigCache) -> R
     };
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
-        answers.push(b.checkin(&mut tx, job).await?);
+        answers.push(b.checkin(db, job).await?);
     }
-    let mut touched: Vec<&InstanceRow> = b.current.values().collect();
-    touched.sort_by(|a, c| a.machine_id.cmp(&c.machine_id));
-    store.upsert_instances(&mut tx, &touched).await?;
-    store.insert_history_many(&mut tx, &b.history).await?;
-    for (machine, channel, group, version, at) in &b.grants {
-        Store::insert_grant(&mut tx, machine, channel, group, version, *at).await?;
-    }
-    for (machine, version) in &b.ended_lifts {
-        Store::end_quarantine_lift(&mut tx, machine, version).await?;
-    }
-    tx.commit().await?;
+    let mut changed: Vec<&InstanceRow> = b.current.values().collect();
+    changed.sort_by(|a, c| a.machine_id.cmp(&c.machine_id));
+    let (touched, changed): (Vec<&InstanceRow>, Vec<&InstanceRow>) =
+        changed.into_iter().partition(|i| {
+            b.original
+                .get(&i.machine_id)
+                .is_some_and(|o| only_seen_again(o, i))
+        });
+    db.write(&BatchWrites {
+        instances: changed,
+        touched,
+        history: &b.history,
+        grants: &b.grants,
+        ended_lifts: &b.ended_lifts,
+    })
+    .await?;
+    db.commit().await?;
     // Only a committed batch's view (including automatic halts) may be reused.
     cache.channels = b.channels;
     cache.rollouts = b.rollouts;
     cache.releases = b.releases;
     cache.releases.retain(|_, r| r.is_some());
     cache.lifts = b.lifts;
-    cache.generation = Some(generation);
+    cache.generation = generation;
     Ok(answers)
+}
+
+/// Whether `after` differs from `before` in `last_seen` and `checkins` only.
+fn only_seen_again(b: &InstanceRow, a: &InstanceRow) -> bool {
+    b.machine_id == a.machine_id
+        && b.app_id == a.app_id
+        && b.channel == a.channel
+        && b.group == a.group
+        && b.rollout_group == a.rollout_group
+        && b.version == a.version
+        && b.board == a.board
+        && b.boot_id == a.boot_id
+        && b.status == a.status
+        && b.error_code == a.error_code
+        && b.target_version == a.target_version
+        && b.granted_at == a.granted_at
+        && b.outcome == a.outcome
+        && b.outcome_version == a.outcome_version
+        && b.outcome_at == a.outcome_at
+        && b.failed_version == a.failed_version
+        && b.first_seen == a.first_seen
 }
 
 /// What a host record adds to the counts of `key`: (in flight, success, failure).
@@ -343,25 +597,33 @@ fn contribution(
 }
 
 impl Batch {
-    async fn release(&mut self, tx: &mut Tx, version: &str) -> Result<Option<ReleaseRow>> {
+    async fn release<D: BatchDb>(
+        &mut self,
+        db: &mut D,
+        version: &str,
+    ) -> Result<Option<ReleaseRow>> {
         if let Some(r) = self.releases.get(version) {
             return Ok(r.clone());
         }
-        let r = Store::release_in(tx, version).await?;
+        let r = db.release(version).await?;
         self.releases.insert(version.to_string(), r.clone());
         Ok(r)
     }
 
     /// Counts for a rollout and release: the database's, plus this batch's changes.
-    async fn counts(&mut self, tx: &mut Tx, key: &CountKey, now: i64) -> Result<RolloutCounts> {
+    async fn counts<D: BatchDb>(
+        &mut self,
+        db: &mut D,
+        key: &CountKey,
+        now: i64,
+    ) -> Result<RolloutCounts> {
         let r = self
             .rollouts
             .get(&(key.0.clone(), key.1.clone()))
             .cloned()
             .ok_or_else(|| anyhow!("rollout {}/{} vanished", key.0, key.1))?;
         if !self.db_counts.contains_key(key) {
-            let c =
-                Store::counts(tx, &key.0, &key.1, &key.2, &r.policy, r.counts_since, now).await?;
+            let c = db.counts(key, &r, now).await?;
             self.db_counts.insert(key.clone(), c);
         }
         let base = self.db_counts[key];
@@ -391,26 +653,17 @@ impl Batch {
         })
     }
 
-    async fn halt(
+    async fn halt<D: BatchDb>(
         &mut self,
-        tx: &mut Tx,
+        db: &mut D,
         channel: &str,
         group: &str,
         version: &str,
         reason: &str,
         now: i64,
     ) -> Result<()> {
-        Store::set_paused(tx, channel, group, Some(reason), true).await?;
-        Store::activity_in(
-            tx,
-            now,
-            "rollout_halted",
-            Some(channel),
-            Some(group),
-            Some(version),
-            reason,
-        )
-        .await?;
+        let key = (channel.to_string(), group.to_string(), version.to_string());
+        db.halt(&key, reason, now).await?;
         if let Some(r) = self
             .rollouts
             .get_mut(&(channel.to_string(), group.to_string()))
@@ -423,7 +676,7 @@ impl Batch {
         Ok(())
     }
 
-    async fn checkin(&mut self, tx: &mut Tx, job: &Job) -> Result<Answer> {
+    async fn checkin<D: BatchDb>(&mut self, db: &mut D, job: &Job) -> Result<Answer> {
         let app = &job.app;
         let now = job.now;
         let ts = now.timestamp();
@@ -535,9 +788,9 @@ impl Batch {
                     break;
                 }
                 let key = (channel.clone(), rollout_group.clone(), v.clone());
-                let counts = self.counts(tx, &key, ts).await?;
+                let counts = self.counts(db, &key, ts).await?;
                 if let Some(reason) = policy::halt_reason(r.policy.halt.as_ref(), &counts) {
-                    self.halt(tx, &channel, &rollout_group, &v, &reason, ts)
+                    self.halt(db, &channel, &rollout_group, &v, &reason, ts)
                         .await?;
                     summary.halted.push(channel.clone());
                     break;
@@ -561,7 +814,7 @@ impl Batch {
         };
         let update = self
             .decide_update(
-                tx,
+                db,
                 app,
                 &mut inst,
                 &ch,
@@ -607,9 +860,9 @@ impl Batch {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn decide_update(
+    async fn decide_update<D: BatchDb>(
         &mut self,
-        tx: &mut Tx,
+        db: &mut D,
         app: &AppRequest,
         inst: &mut InstanceRow,
         channel: &ChannelRow,
@@ -628,7 +881,7 @@ impl Batch {
             summary.holds.push("no_release");
             return Ok(UpdateCheckResponse::NoUpdate);
         };
-        let Some(release) = self.release(tx, &target).await? else {
+        let Some(release) = self.release(db, &target).await? else {
             summary.holds.push("no_release");
             return Ok(UpdateCheckResponse::NoUpdate);
         };
@@ -687,7 +940,7 @@ impl Batch {
         let decision = match quick {
             Decision::Grant { .. } if needs_counts => {
                 let key = (r.channel.clone(), r.group.clone(), release.version.clone());
-                let counts = self.counts(tx, &key, ts).await?;
+                let counts = self.counts(db, &key, ts).await?;
                 policy::decide(
                     &rollout,
                     &ReleaseView {
@@ -742,7 +995,7 @@ impl Batch {
                 Ok(UpdateCheckResponse::Ok(offer))
             }
             Decision::Hold(Hold::HaltTriggered(reason)) => {
-                self.halt(tx, &r.channel, &r.group, &release.version, &reason, ts)
+                self.halt(db, &r.channel, &r.group, &release.version, &reason, ts)
                     .await?;
                 summary.halted.push(r.channel.clone());
                 summary.holds.push("halted");

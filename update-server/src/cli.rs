@@ -30,7 +30,8 @@ pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
         trigger.cancel();
     });
     let result = server::run(listener, state.clone(), shutdown).await;
-    // Closing the pool lets SQLite checkpoint and remove its WAL.
+    // Closing every connection lets SQLite checkpoint and remove its WAL.
+    state.checkins.close().await;
     state.store.pool.close().await;
     result
 }

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod release;
 pub mod series;
 pub mod server;
+mod sqlite_writer;
 pub mod store;
 pub mod watch;
 

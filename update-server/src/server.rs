@@ -145,7 +145,7 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
         None => None,
     };
     Ok(Arc::new(AppState {
-        checkins: Checkins::start(store.clone()),
+        checkins: Checkins::start(store.clone())?,
         store,
         omaha: OmahaConfig {
             app_id: config.app_id.clone(),

@@ -41,6 +41,56 @@ pub fn validate_channel_name(name: &str) -> Result<(), String> {
 /// Statuses that count as "granted but not finished".
 pub const IN_FLIGHT_STATUSES: &str = "('granted','downloading','downloaded','installed')";
 
+/// `INSERT ... ON CONFLICT DO UPDATE` of `rows` instance records, with placeholders from
+/// `placeholder(1..)`.
+pub(crate) fn upsert_instances_sql(rows: usize, placeholder: impl Fn(usize) -> String) -> String {
+    const COLS: usize = 19;
+    let values = (0..rows)
+        .map(|r| {
+            let p = (1..=COLS)
+                .map(|c| placeholder(r * COLS + c))
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("({p})")
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES {values}
+         ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
+         rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
+         status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
+         granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version, outcome_at = excluded.outcome_at,
+         failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
+    )
+}
+
+/// Statements shared by the sqlx code and the check-in writer's own SQLite connection
+/// (`$N` parameters appear in ascending order, so both bind them by position).
+pub(crate) mod sql {
+    pub const SELECT_RELEASE: &str = "SELECT * FROM releases WHERE version = $1";
+    pub const SELECT_CHANNELS: &str = "SELECT * FROM channels ORDER BY position, name";
+    pub const SELECT_ROLLOUTS: &str = "SELECT * FROM rollouts ORDER BY channel, grp";
+    pub const SET_PAUSED: &str = "UPDATE rollouts SET paused = $1, pause_reason = $2, auto_halted = $3 WHERE channel = $4 AND grp = $5";
+    pub const COUNT_GRANTS: &str =
+        "SELECT COUNT(*) AS n FROM grants WHERE channel = $1 AND grp = $2 AND at > $3";
+    pub const COUNT_OUTCOMES: &str = "SELECT outcome, COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND outcome_version = $3 AND outcome IS NOT NULL AND outcome_at >= $4 GROUP BY outcome";
+    pub const INSERT_GRANT: &str =
+        "INSERT INTO grants (machine_id, channel, grp, version, at) VALUES ($1, $2, $3, $4, $5)";
+    pub const INSERT_HISTORY: &str = "INSERT INTO status_history (at, machine_id, channel, grp, version, target_version, status, event_type, event_result, error_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+    pub const SELECT_LIFTS: &str = "SELECT machine_id, version, lifted_at_ms, expires_at FROM quarantine_lifts WHERE expires_at > $1 ORDER BY machine_id, version";
+    pub const END_LIFT: &str =
+        "DELETE FROM quarantine_lifts WHERE machine_id = $1 AND version = $2";
+    pub const INSERT_ACTIVITY: &str = "INSERT INTO activity (at, kind, channel, grp, version, message) VALUES ($1, $2, $3, $4, $5, $6)";
+    pub const SELECT_ROLLOUTS_LOCKED: &str =
+        "SELECT * FROM rollouts ORDER BY channel, grp FOR UPDATE";
+    // IN_FLIGHT_STATUSES, spelled out: a const cannot be formatted into a const.
+    pub const COUNT_IN_FLIGHT: &str = "SELECT COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND target_version = $3 AND status IN ('granted','downloading','downloaded','installed') AND granted_at > $4";
+    pub const TOUCH_INSTANCE: &str =
+        "UPDATE instances SET last_seen = $1, checkins = $2 WHERE machine_id = $3";
+    pub const SELECT_INSTANCE: &str = "SELECT machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, outcome_at, failed_version, first_seen, last_seen, checkins FROM instances WHERE machine_id = $1";
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -55,6 +105,8 @@ pub struct Store {
     /// changing transaction; the check-in writer keeps its copy of them while it is unchanged
     /// (SQLite only: one process owns a SQLite database; on PostgreSQL it always reads them).
     config_generation: Arc<AtomicU64>,
+    /// The database file, on SQLite (the check-in writer opens its own connection to it).
+    pub sqlite_path: Option<std::path::PathBuf>,
 }
 
 pub type Tx = Transaction<'static, Any>;
@@ -416,6 +468,9 @@ impl Store {
             pool,
             backend,
             config_generation: Arc::new(AtomicU64::new(0)),
+            sqlite_path: (backend == Backend::Sqlite)
+                .then(|| sqlite_file(url))
+                .transpose()?,
         };
         store.migrate().await?;
         Ok(store)
@@ -494,8 +549,19 @@ impl Store {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// The counter behind [`Store::config_generation`], for the check-in writer's thread.
+    pub fn generation_counter(&self) -> Arc<AtomicU64> {
+        self.config_generation.clone()
+    }
+
+    /// Begins a transaction. On SQLite it takes the write lock right away (`BEGIN IMMEDIATE`):
+    /// the check-in writer has its own connection, and a transaction that read first and then
+    /// wrote could otherwise fail when the writer committed in between.
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(self.pool.begin().await?)
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     // ---- tokens -------------------------------------------------------------------------------
@@ -602,7 +668,7 @@ impl Store {
     }
 
     pub async fn release(&self, version: &str) -> Result<Option<ReleaseRow>> {
-        let row = sqlx::query("SELECT * FROM releases WHERE version = $1")
+        let row = sqlx::query(sql::SELECT_RELEASE)
             .bind(version)
             .fetch_optional(&self.pool)
             .await?;
@@ -610,7 +676,7 @@ impl Store {
     }
 
     pub async fn release_in(tx: &mut Tx, version: &str) -> Result<Option<ReleaseRow>> {
-        let row = sqlx::query("SELECT * FROM releases WHERE version = $1")
+        let row = sqlx::query(sql::SELECT_RELEASE)
             .bind(version)
             .fetch_optional(&mut **tx)
             .await?;
@@ -644,7 +710,7 @@ impl Store {
     }
 
     pub async fn channels(&self) -> Result<Vec<ChannelRow>> {
-        let rows = sqlx::query("SELECT * FROM channels ORDER BY position, name")
+        let rows = sqlx::query(sql::SELECT_CHANNELS)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -710,43 +776,6 @@ impl Store {
 
     // ---- rollouts -----------------------------------------------------------------------------
 
-    /// The rollout row for (channel, group), with `FOR UPDATE` on PostgreSQL so concurrent
-    /// grant decisions on other servers wait for this transaction.
-    pub async fn rollout_locked(
-        &self,
-        tx: &mut Tx,
-        channel: &str,
-        group: &str,
-    ) -> Result<Option<RolloutRow>> {
-        let sql = match self.backend {
-            Backend::Sqlite => "SELECT * FROM rollouts WHERE channel = $1 AND grp = $2",
-            Backend::Postgres => {
-                "SELECT * FROM rollouts WHERE channel = $1 AND grp = $2 FOR UPDATE"
-            }
-        };
-        let row = sqlx::query(sql)
-            .bind(channel)
-            .bind(group)
-            .fetch_optional(&mut **tx)
-            .await?;
-        row.map(|r| rollout_from_row(&r)).transpose()
-    }
-
-    /// Whether a group override exists (else the group follows the channel's rollout).
-    pub async fn has_group_rollout(tx: &mut Tx, channel: &str, group: &str) -> Result<bool> {
-        if group.is_empty() {
-            return Ok(false);
-        }
-        let n: i64 =
-            sqlx::query("SELECT COUNT(*) AS n FROM rollouts WHERE channel = $1 AND grp = $2")
-                .bind(channel)
-                .bind(group)
-                .fetch_one(&mut **tx)
-                .await?
-                .try_get("n")?;
-        Ok(n > 0)
-    }
-
     pub async fn rollouts(&self, channel: Option<&str>) -> Result<Vec<RolloutRow>> {
         let rows = sqlx::query(
             "SELECT * FROM rollouts WHERE ($1 = '' OR channel = $1) ORDER BY channel, grp",
@@ -799,16 +828,14 @@ impl Store {
         reason: Option<&str>,
         auto: bool,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE rollouts SET paused = $1, pause_reason = $2, auto_halted = $3 WHERE channel = $4 AND grp = $5",
-        )
-        .bind(i64::from(reason.is_some()))
-        .bind(reason.map(str::to_string))
-        .bind(i64::from(auto))
-        .bind(channel)
-        .bind(group)
-        .execute(&mut **tx)
-        .await?;
+        let done = sqlx::query(sql::SET_PAUSED)
+            .bind(i64::from(reason.is_some()))
+            .bind(reason.map(str::to_string))
+            .bind(i64::from(auto))
+            .bind(channel)
+            .bind(group)
+            .execute(&mut **tx)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -824,42 +851,36 @@ impl Store {
     ) -> Result<RolloutCounts> {
         let period = policy.rate_limit.as_ref().map_or(0, |r| r.period_secs);
         let grants: i64 = if policy.rate_limit.is_some() {
-            sqlx::query(
-                "SELECT COUNT(*) AS n FROM grants WHERE channel = $1 AND grp = $2 AND at > $3",
-            )
-            .bind(channel)
-            .bind(group)
-            .bind(now - period)
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("n")?
+            sqlx::query(sql::COUNT_GRANTS)
+                .bind(channel)
+                .bind(group)
+                .bind(now - period)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?
         } else {
             0
         };
         let in_flight: i64 = if policy.max_in_flight.is_some() {
-            sqlx::query(AssertSqlSafe(format!(
-                "SELECT COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND target_version = $3 AND status IN {IN_FLIGHT_STATUSES} AND granted_at > $4"
-            )))
-            .bind(channel)
-            .bind(group)
-            .bind(version)
-            .bind(now - policy.in_flight_timeout_secs)
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("n")?
+            sqlx::query(sql::COUNT_IN_FLIGHT)
+                .bind(channel)
+                .bind(group)
+                .bind(version)
+                .bind(now - policy.in_flight_timeout_secs)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?
         } else {
             0
         };
         let (successes, failures) = if policy.halt.is_some() {
-            let rows = sqlx::query(
-                "SELECT outcome, COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND outcome_version = $3 AND outcome IS NOT NULL AND outcome_at >= $4 GROUP BY outcome",
-            )
-            .bind(channel)
-            .bind(group)
-            .bind(version)
-            .bind(counts_since)
-            .fetch_all(&mut **tx)
-            .await?;
+            let rows = sqlx::query(sql::COUNT_OUTCOMES)
+                .bind(channel)
+                .bind(group)
+                .bind(version)
+                .bind(counts_since)
+                .fetch_all(&mut **tx)
+                .await?;
             let mut s = 0i64;
             let mut f = 0i64;
             for r in rows {
@@ -891,16 +912,14 @@ impl Store {
         version: &str,
         now: i64,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO grants (machine_id, channel, grp, version, at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(machine_id)
-        .bind(channel)
-        .bind(group)
-        .bind(version)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(sql::INSERT_GRANT)
+            .bind(machine_id)
+            .bind(channel)
+            .bind(group)
+            .bind(version)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -916,39 +935,6 @@ impl Store {
         Ok(row.map(|r| instance_from_row(&r)).transpose()?)
     }
 
-    pub async fn upsert_instance(tx: &mut Tx, i: &InstanceRow) -> Result<()> {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-             ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
-             rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
-             status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
-             granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version, outcome_at = excluded.outcome_at,
-             failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
-        )))
-        .bind(&i.machine_id)
-        .bind(&i.app_id)
-        .bind(&i.channel)
-        .bind(&i.group)
-        .bind(&i.rollout_group)
-        .bind(i.version.clone())
-        .bind(i.board.clone())
-        .bind(i.boot_id.clone())
-        .bind(&i.status)
-        .bind(i.error_code)
-        .bind(i.target_version.clone())
-        .bind(i.granted_at)
-        .bind(i.outcome.clone())
-        .bind(i.outcome_version.clone())
-        .bind(i.outcome_at)
-        .bind(i.failed_version.clone())
-        .bind(i.first_seen)
-        .bind(i.last_seen)
-        .bind(i.checkins)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     /// Bind placeholder number `i` (1-based) for a generated statement: `$i` on PostgreSQL, `?`
     /// on SQLite, where numbered parameters make binding quadratic in their count.
     fn placeholder(&self, i: usize) -> String {
@@ -960,7 +946,7 @@ impl Store {
 
     /// All channels, read inside a transaction.
     pub async fn channels_in(tx: &mut Tx) -> Result<Vec<ChannelRow>> {
-        let rows = sqlx::query("SELECT * FROM channels ORDER BY position, name")
+        let rows = sqlx::query(sql::SELECT_CHANNELS)
             .fetch_all(&mut **tx)
             .await?;
         rows.iter()
@@ -979,8 +965,8 @@ impl Store {
     /// ends, so grant decisions of several server processes serialize.
     pub async fn rollouts_locked(&self, tx: &mut Tx) -> Result<Vec<RolloutRow>> {
         let sql = match self.backend {
-            Backend::Sqlite => "SELECT * FROM rollouts ORDER BY channel, grp",
-            Backend::Postgres => "SELECT * FROM rollouts ORDER BY channel, grp FOR UPDATE",
+            Backend::Sqlite => sql::SELECT_ROLLOUTS,
+            Backend::Postgres => sql::SELECT_ROLLOUTS_LOCKED,
         };
         let rows = sqlx::query(sql).fetch_all(&mut **tx).await?;
         rows.iter().map(rollout_from_row).collect()
@@ -1010,26 +996,8 @@ impl Store {
 
     /// Inserts or updates many instance records in few statements.
     pub async fn upsert_instances(&self, tx: &mut Tx, rows: &[&InstanceRow]) -> Result<()> {
-        const COLS: usize = 19;
         for chunk in rows.chunks(200) {
-            let values = (0..chunk.len())
-                .map(|r| {
-                    let p = (1..=COLS)
-                        .map(|c| self.placeholder(r * COLS + c))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    format!("({p})")
-                })
-                .collect::<Vec<_>>()
-                .join(",");
-            let sql = format!(
-                "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES {values}
-                 ON CONFLICT (machine_id) DO UPDATE SET app_id = excluded.app_id, channel = excluded.channel, grp = excluded.grp,
-                 rollout_grp = excluded.rollout_grp, version = excluded.version, board = excluded.board, boot_id = excluded.boot_id,
-                 status = excluded.status, error_code = excluded.error_code, target_version = excluded.target_version,
-                 granted_at = excluded.granted_at, outcome = excluded.outcome, outcome_version = excluded.outcome_version, outcome_at = excluded.outcome_at,
-                 failed_version = excluded.failed_version, last_seen = excluded.last_seen, checkins = excluded.checkins"
-            );
+            let sql = upsert_instances_sql(chunk.len(), |i| self.placeholder(i));
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for i in chunk {
                 q = q
@@ -1114,25 +1082,6 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    pub async fn insert_history(tx: &mut Tx, h: &HistoryRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO status_history (at, machine_id, channel, grp, version, target_version, status, event_type, event_result, error_code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(h.at)
-        .bind(&h.machine_id)
-        .bind(&h.channel)
-        .bind(&h.group)
-        .bind(h.version.clone())
-        .bind(h.target_version.clone())
-        .bind(&h.status)
-        .bind(h.event_type)
-        .bind(h.event_result)
-        .bind(h.error_code)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     pub async fn history(&self, machine_id: &str) -> Result<Vec<HistoryRow>> {
         let rows = sqlx::query(
             "SELECT * FROM status_history WHERE machine_id = $1 ORDER BY at, id LIMIT 10000",
@@ -1210,12 +1159,10 @@ impl Store {
 
     /// Lifts still being sent at `now` (Unix seconds).
     pub async fn quarantine_lifts_in(tx: &mut Tx, now: i64) -> Result<Vec<LiftRow>> {
-        let rows = sqlx::query(
-            "SELECT machine_id, version, lifted_at_ms, expires_at FROM quarantine_lifts WHERE expires_at > $1 ORDER BY machine_id, version",
-        )
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = sqlx::query(sql::SELECT_LIFTS)
+            .bind(now)
+            .fetch_all(&mut **tx)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(LiftRow {
@@ -1231,7 +1178,7 @@ impl Store {
     /// Forgets lifts that are done (the host reported the version, failed it again, or the lift
     /// expired).
     pub async fn end_quarantine_lift(tx: &mut Tx, machine_id: &str, version: &str) -> Result<()> {
-        sqlx::query("DELETE FROM quarantine_lifts WHERE machine_id = $1 AND version = $2")
+        sqlx::query(sql::END_LIFT)
             .bind(machine_id)
             .bind(version)
             .execute(&mut **tx)
@@ -1250,17 +1197,15 @@ impl Store {
         version: Option<&str>,
         message: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO activity (at, kind, channel, grp, version, message) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(now)
-        .bind(kind)
-        .bind(channel.map(str::to_string))
-        .bind(group.map(str::to_string))
-        .bind(version.map(str::to_string))
-        .bind(message)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(sql::INSERT_ACTIVITY)
+            .bind(now)
+            .bind(kind)
+            .bind(channel.map(str::to_string))
+            .bind(group.map(str::to_string))
+            .bind(version.map(str::to_string))
+            .bind(message)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -1323,6 +1268,21 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The file of a `sqlite:` URL (`sqlite://PATH?mode=rwc`, `sqlite:PATH`).
+fn sqlite_file(url: &str) -> Result<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path.contains(":memory:") {
+        bail!(
+            "database URL {url:?} names no file; the server needs an SQLite file (sqlite://PATH)"
+        );
+    }
+    Ok(std::path::PathBuf::from(path))
 }
 
 /// The URL without its password, for error messages.
