@@ -376,13 +376,7 @@ impl Agent {
                 .set_attrs(&[(booted, slot::mark_good(booted_attrs))])?;
             self.machine.fail(ErrorKind::HealthCheck, &reason);
             self.publish();
-            self.report(PendingEvent {
-                event_type: event_type::UPDATE_COMPLETE,
-                result: event_result::ERROR,
-                error_code: Some(ErrorKind::HealthCheck.omaha_code()),
-                previous_version: previous,
-                detail: format!("{reason} (no fallback slot; kept)"),
-            })?;
+            self.report_check_failure(previous, format!("{reason} (no fallback slot; kept)"))?;
             return Ok(BootOutcome::Steady);
         }
         // Mark bad, make the old slot the next boot, remember to report the rollback from there.
@@ -404,14 +398,23 @@ impl Agent {
         self.save(&s)?;
         self.machine.boot_bad().ok();
         self.publish();
+        self.report_check_failure(previous, reason.clone())?;
+        Ok(BootOutcome::MarkedBad { version, reason })
+    }
+
+    /// Reports a failed post-boot check (event 3, error, the health-check code).
+    fn report_check_failure(
+        &mut self,
+        previous: Option<String>,
+        detail: String,
+    ) -> AgentResult<()> {
         self.report(PendingEvent {
             event_type: event_type::UPDATE_COMPLETE,
             result: event_result::ERROR,
             error_code: Some(ErrorKind::HealthCheck.omaha_code()),
             previous_version: previous,
-            detail: reason.clone(),
-        })?;
-        Ok(BootOutcome::MarkedBad { version, reason })
+            detail,
+        })
     }
 
     fn rolled_back(

@@ -36,16 +36,14 @@ fn window_contains(w: &MaintenanceWindow, now: Timestamp) -> bool {
     // A window that started on an earlier day may still be open: look back far enough.
     let days_back = w.length.as_secs().div_ceil(86_400) as i64;
     for back in 0..=days_back {
-        let Ok(day) = local.date().checked_sub(back.days()) else {
+        let Some(start) = local
+            .date()
+            .checked_sub(back.days())
+            .ok()
+            .and_then(|day| window_start(w, day))
+        else {
             continue;
         };
-        if !w.days.contains(&day.weekday()) {
-            continue;
-        }
-        let Ok(start) = day.to_datetime(w.start).to_zoned(w.time_zone.clone()) else {
-            continue;
-        };
-        let start = start.timestamp();
         let Ok(end) = start.checked_add(w.length) else {
             continue;
         };
@@ -54,6 +52,18 @@ fn window_contains(w: &MaintenanceWindow, now: Timestamp) -> bool {
         }
     }
     false
+}
+
+/// When `w` opens on `day` (local to the window's time zone), if it opens that weekday.
+fn window_start(w: &MaintenanceWindow, day: jiff::civil::Date) -> Option<Timestamp> {
+    if !w.days.contains(&day.weekday()) {
+        return None;
+    }
+    let start = day
+        .to_datetime(w.start)
+        .to_zoned(w.time_zone.clone())
+        .ok()?;
+    Some(start.timestamp())
 }
 
 /// How long until the next window opens (zero when inside one or when there are no windows).
@@ -66,16 +76,14 @@ pub fn until_window(windows: &[MaintenanceWindow], now: Timestamp) -> Duration {
     for w in windows {
         let local = now.to_zoned(w.time_zone.clone());
         for ahead in 0..=7i64 {
-            let Ok(day) = local.date().checked_add(ahead.days()) else {
+            let Some(start) = local
+                .date()
+                .checked_add(ahead.days())
+                .ok()
+                .and_then(|day| window_start(w, day))
+            else {
                 continue;
             };
-            if !w.days.contains(&day.weekday()) {
-                continue;
-            }
-            let Ok(start) = day.to_datetime(w.start).to_zoned(w.time_zone.clone()) else {
-                continue;
-            };
-            let start = start.timestamp();
             if start > now {
                 let d = Duration::from_secs((start.as_second() - now.as_second()).max(0) as u64);
                 best = Some(best.map_or(d, |b| b.min(d)));

@@ -16,6 +16,8 @@ struct Setup {
     disk: std::path::PathBuf,
     keys: Keys,
     conf: std::path::PathBuf,
+    /// SHA-256 of the whole slot A partition as set up.
+    a_digest: [u8; 32],
 }
 
 fn setup(slot_size: u64) -> Setup {
@@ -26,6 +28,7 @@ fn setup(slot_size: u64) -> Setup {
     let conf = dir.path().join("conf.d");
     std::fs::create_dir_all(&conf).unwrap();
     Setup {
+        a_digest: slot_digest(&disk, SlotName::A),
         dir,
         disk,
         keys,
@@ -83,11 +86,25 @@ impl Setup {
             .unwrap()
     }
 
+    /// `install BUNDLE` fails with one of `expected` in its error, slot A keeps exactly what it
+    /// held and B stays unbootable, nothing is staged.
+    fn refuses(&self, case: &str, bundle: &str, extra: &[&str], expected: &[&str]) {
+        let out = self.install(bundle, extra);
+        assert!(!out.status.success(), "{case}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            expected.iter().any(|e| err.contains(e)),
+            "{case}: expected one of {expected:?} in {err}"
+        );
+        self.assert_untouched_a_and_unbootable_b(case);
+        assert!(self.state().staged.is_none(), "{case}");
+    }
+
     /// Slot A still holds exactly what it held, and the host would still boot A.
-    fn assert_untouched_a_and_unbootable_b(&self, a_digest: [u8; 32], case: &str) {
+    fn assert_untouched_a_and_unbootable_b(&self, case: &str) {
         assert_eq!(
             slot_digest(&self.disk, SlotName::A),
-            a_digest,
+            self.a_digest,
             "{case}: slot A changed"
         );
         let s = slots(&self.disk);
@@ -104,7 +121,6 @@ impl Setup {
 #[test]
 fn happy_path_over_http() {
     let t = setup(16 * MIB);
-    let a_digest = slot_digest(&t.disk, SlotName::A);
     let img = image(6 * MIB as usize, 1);
     let server = TestServer::start();
     server.put("/b/1.1.0.tbdl", t.bundle("1.1.0", &img));
@@ -116,7 +132,7 @@ fn happy_path_over_http() {
         text(&out)
     );
     assert_eq!(slot_bytes(&t.disk, SlotName::B, img.len() as u64), img);
-    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
+    assert_eq!(slot_digest(&t.disk, SlotName::A), t.a_digest);
     let s = slots(&t.disk);
     assert_eq!(
         s[1].attrs,
@@ -224,7 +240,6 @@ fn real_bundle_and_frames(t: &Setup, version: &str, img: &[u8]) -> (Vec<u8>, Vec
 fn resumes_a_multi_frame_download_after_sigkill() {
     use twinroot_format::bundle::FRAME_IMAGE_BYTES;
     let t = setup(112 * MIB);
-    let a_digest = slot_digest(&t.disk, SlotName::A);
     let img = image(104 * MIB as usize, 12);
     let (bundle, frame_ends) = real_bundle_and_frames(&t, "2.0.0", &img);
     assert_eq!(frame_ends.len(), 4, "frames of 32 MiB: {frame_ends:?}");
@@ -275,7 +290,7 @@ fn resumes_a_multi_frame_download_after_sigkill() {
     );
 
     // The interruption: A untouched and booted, B unbootable, a checkpoint at a frame boundary.
-    t.assert_untouched_a_and_unbootable_b(a_digest, "after SIGKILL");
+    t.assert_untouched_a_and_unbootable_b("after SIGKILL");
     let c = t.state().download.expect("checkpoint survives SIGKILL");
     assert_eq!((c.version.as_str(), c.slot.as_str()), ("2.0.0", "b"));
     assert!(c.body_offset > 0, "{c:?}");
@@ -346,14 +361,13 @@ fn resumes_a_multi_frame_download_after_sigkill() {
     assert!(read_back < staged, "{log}");
     let s = slots(&t.disk);
     assert_eq!(choose_boot(&s).unwrap().slot, SlotName::B);
-    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
+    assert_eq!(slot_digest(&t.disk, SlotName::A), t.a_digest);
     assert!(t.state().download.is_none());
 }
 
 #[test]
 fn bad_inputs_leave_the_active_slot_untouched_and_the_inactive_slot_unbootable() {
     let t = setup(8 * MIB);
-    let a_digest = slot_digest(&t.disk, SlotName::A);
     let img = image(5 * MIB as usize, 4);
     let good = t.bundle("1.5.0", &img);
     let hl = header_len(&good) as usize;
@@ -368,15 +382,7 @@ fn bad_inputs_leave_the_active_slot_untouched_and_the_inactive_slot_unbootable()
     let mut trailing = good.clone();
     trailing.extend_from_slice(b"extra");
     let other_keys = keys(&t.dir.path().join("other").tap_mkdir());
-    let wrong_key = make_bundle(
-        &BundleSpec {
-            image: &img,
-            version: "1.5.0",
-            frame: MIB as usize,
-            board: None,
-        },
-        &other_keys.signing,
-    );
+    let wrong_key = bundle_of("1.5.0", &img, &other_keys.signing);
     let older = t.bundle("0.9.0", &img);
     let same = t.bundle("1.0.0", &img);
     let too_big = t.bundle("1.6.0", &image(9 * MIB as usize, 5));
@@ -392,84 +398,26 @@ fn bad_inputs_leave_the_active_slot_untouched_and_the_inactive_slot_unbootable()
     server.put("/truncated", truncated.clone());
     server.put("/tampered", tampered_body.clone());
 
-    let cases: Vec<(&str, String, &[&str], &[&str])> = vec![
-        (
-            "tampered body (file)",
-            t.write("t.tbdl", &tampered_body),
-            &[],
-            &["[digest-mismatch]", "[malformed]"],
-        ),
-        (
-            "tampered body (http)",
-            server.url("/tampered"),
-            &[],
-            &["[digest-mismatch]", "[malformed]"],
-        ),
-        (
-            "tampered manifest",
-            t.write("m.tbdl", &tampered_manifest),
-            &[],
-            &["[signature]"],
-        ),
-        (
-            "truncated (file)",
-            t.write("tr.tbdl", &truncated),
-            &[],
-            &["truncated"],
-        ),
-        (
-            "truncated (http)",
-            server.url("/truncated"),
-            &[],
-            &["truncated"],
-        ),
-        (
-            "trailing data",
-            t.write("x.tbdl", &trailing),
-            &[],
-            &["trailing data"],
-        ),
-        (
-            "wrong key",
-            t.write("k.tbdl", &wrong_key),
-            &[],
-            &["[signature]"],
-        ),
-        (
-            "downgrade",
-            t.write("o.tbdl", &older),
-            &[],
-            &["[downgrade]", "0.9.0"],
-        ),
-        (
-            "same version",
-            t.write("s.tbdl", &same),
-            &[],
-            &["[downgrade]"],
-        ),
-        (
-            "too big",
-            t.write("b.tbdl", &too_big),
-            &[],
-            &["[too-large]"],
-        ),
-        (
-            "other board",
-            t.write("a.tbdl", &arm),
-            &["--board", "amd64-usr"],
-            &["[wrong-board]", "arm64-usr"],
-        ),
+    let digest = &["[digest-mismatch]", "[malformed]"][..];
+    let signature = &["[signature]"][..];
+    let board = &["--board", "amd64-usr"][..];
+    // (case, bundle file or URL, extra flags, what the error must name: one of)
+    #[rustfmt::skip]
+    let cases: [(&str, String, &[&str], &[&str]); 11] = [
+        ("tampered body (file)", t.write("t.tbdl", &tampered_body), &[], digest),
+        ("tampered body (http)", server.url("/tampered"), &[], digest),
+        ("tampered manifest", t.write("m.tbdl", &tampered_manifest), &[], signature),
+        ("truncated (file)", t.write("tr.tbdl", &truncated), &[], &["truncated"]),
+        ("truncated (http)", server.url("/truncated"), &[], &["truncated"]),
+        ("trailing data", t.write("x.tbdl", &trailing), &[], &["trailing data"]),
+        ("wrong key", t.write("k.tbdl", &wrong_key), &[], signature),
+        ("downgrade", t.write("o.tbdl", &older), &[], &["[downgrade]", "0.9.0"]),
+        ("same version", t.write("s.tbdl", &same), &[], &["[downgrade]"]),
+        ("too big", t.write("b.tbdl", &too_big), &[], &["[too-large]"]),
+        ("other board", t.write("a.tbdl", &arm), board, &["[wrong-board]", "arm64-usr"]),
     ];
     for (case, bundle, extra, expected) in cases {
-        let out = t.install(&bundle, extra);
-        assert!(!out.status.success(), "{case}: {}", text(&out));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            expected.iter().any(|e| err.contains(e)),
-            "{case}: expected one of {expected:?} in {err}"
-        );
-        t.assert_untouched_a_and_unbootable_b(a_digest, case);
-        assert!(t.state().staged.is_none(), "{case}");
+        t.refuses(case, &bundle, extra, expected);
     }
 
     // Quarantined: this host rolled back from 1.5.0 before.
@@ -477,19 +425,17 @@ fn bad_inputs_leave_the_active_slot_untouched_and_the_inactive_slot_unbootable()
     let mut st = store.load().unwrap();
     st.quarantine("1.5.0");
     store.save(&st).unwrap();
-    let out = t.install(&t.write("q.tbdl", &good), &[]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("[quarantined]"),
-        "{}",
-        text(&out)
+    t.refuses(
+        "quarantined",
+        &t.write("q.tbdl", &good),
+        &[],
+        &["[quarantined]"],
     );
-    t.assert_untouched_a_and_unbootable_b(a_digest, "quarantined");
 
     // The downgrade goes through when explicitly allowed.
     let out = t.install(&t.write("o2.tbdl", &older), &["--allow-downgrade"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(slot_digest(&t.disk, SlotName::A), a_digest);
+    assert_eq!(slot_digest(&t.disk, SlotName::A), t.a_digest);
 }
 
 trait TapMkdir {
@@ -503,57 +449,80 @@ impl TapMkdir for std::path::PathBuf {
     }
 }
 
-/// The core through the library API on in-memory slots (what the fleet simulator uses): the
-/// booted slot never gets a writer, whatever the bundle.
+/// Signing keys and the keyring, for installs through the library API on in-memory slots (what
+/// the fleet simulator does).
+struct Library {
+    _dir: tempfile::TempDir,
+    keys: Keys,
+    keyring: twinroot_format::keyring::Keyring,
+}
+
+impl Library {
+    fn new() -> Library {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = keys(dir.path());
+        let keyring = twinroot_format::keyring::Keyring::load(&keys.keyring_path).unwrap();
+        Library {
+            _dir: dir,
+            keys,
+            keyring,
+        }
+    }
+
+    /// A bundle of `img` as `version`, held in memory.
+    fn source(&self, name: String, version: &str, img: &[u8]) -> MemorySource {
+        MemorySource {
+            name,
+            bytes: std::sync::Arc::new(bundle_of(version, img, &self.keys.signing)),
+        }
+    }
+
+    /// `Install::run` on a host running `current` from `booted`.
+    fn install(
+        &self,
+        slots: &mut dyn SlotTable,
+        booted: SlotName,
+        store: &mut dyn StateStore,
+        source: &mut MemorySource,
+        current: &str,
+    ) -> update_agent::error::AgentResult<update_agent::apply::Installed> {
+        let policy = InstallPolicy {
+            current_version: current.parse().unwrap(),
+            allow_downgrade: false,
+            board: None,
+            tries: 1,
+            download_retries: 0,
+            retry_base: Duration::from_millis(1),
+            checkpoint_every: MIB,
+            readback_from_medium: true,
+        };
+        Install {
+            slots,
+            booted: BootedSlot::new(booted),
+            store,
+            source,
+            keyring: &self.keyring,
+            policy: &policy,
+            progress: None,
+            on_accepted: None,
+        }
+        .run()
+    }
+}
+
+/// The core through the library API on in-memory slots: the booted slot never gets a writer,
+/// whatever the bundle.
 #[test]
 fn the_booted_slot_is_never_opened_for_writing() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = keys(dir.path());
-    let keyring = twinroot_format::keyring::Keyring::load(&keys.keyring_path).unwrap();
+    let lib = Library::new();
     let img = image(2 * MIB as usize, 9);
     for booted in [SlotName::A, SlotName::B] {
         let mut slots = MemorySlotTable::new(4 * MIB);
-        slots.attrs[booted.index()] = SlotAttrs {
-            priority: 1,
-            tries: 0,
-            successful: true,
-        };
+        slots.attrs[booted.index()] = GOOD;
         let mut store = MemoryStateStore::default();
         for (i, version) in ["2.0.0", "1.0.0", "2.0.0"].iter().enumerate() {
-            let bytes = make_bundle(
-                &BundleSpec {
-                    image: &img,
-                    version,
-                    frame: MIB as usize,
-                    board: None,
-                },
-                &keys.signing,
-            );
-            let mut source = MemorySource {
-                name: format!("memory:{booted}-{i}"),
-                bytes: std::sync::Arc::new(bytes),
-            };
-            let policy = InstallPolicy {
-                current_version: "1.5.0".parse().unwrap(),
-                allow_downgrade: false,
-                board: None,
-                tries: 1,
-                download_retries: 0,
-                retry_base: std::time::Duration::from_millis(1),
-                checkpoint_every: MIB,
-                readback_from_medium: true,
-            };
-            let _ = Install {
-                slots: &mut slots,
-                booted: BootedSlot::new(booted),
-                store: &mut store,
-                source: &mut source,
-                keyring: &keyring,
-                policy: &policy,
-                progress: None,
-                on_accepted: None,
-            }
-            .run();
+            let mut source = lib.source(format!("memory:{booted}-{i}"), version, &img);
+            let _ = lib.install(&mut slots, booted, &mut store, &mut source, "1.5.0");
         }
         assert_eq!(slots.writers_opened[booted.index()], 0);
         assert_eq!(slots.writers_opened[booted.other().index()], 2);
@@ -661,50 +630,15 @@ impl SlotTable for FlakyMedium {
 
 #[test]
 fn a_slot_that_reads_back_wrong_is_never_marked() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = keys(dir.path());
-    let keyring = twinroot_format::keyring::Keyring::load(&keys.keyring_path).unwrap();
+    let lib = Library::new();
     let img = image(3 * MIB as usize, 11);
-    let mut source = MemorySource {
-        name: "memory:flaky".into(),
-        bytes: std::sync::Arc::new(make_bundle(
-            &BundleSpec {
-                image: &img,
-                version: "2.0.0",
-                frame: MIB as usize,
-                board: None,
-            },
-            &keys.signing,
-        )),
-    };
+    let mut source = lib.source("memory:flaky".into(), "2.0.0", &img);
     let mut slots = FlakyMedium(MemorySlotTable::new(4 * MIB));
-    slots.0.attrs[0] = SlotAttrs {
-        priority: 1,
-        tries: 0,
-        successful: true,
-    };
-    let policy = InstallPolicy {
-        current_version: "1.0.0".parse().unwrap(),
-        allow_downgrade: false,
-        board: None,
-        tries: 1,
-        download_retries: 0,
-        retry_base: std::time::Duration::from_millis(1),
-        checkpoint_every: MIB,
-        readback_from_medium: true,
-    };
-    let err = Install {
-        slots: &mut slots,
-        booted: BootedSlot::new(SlotName::A),
-        store: &mut MemoryStateStore::default(),
-        source: &mut source,
-        keyring: &keyring,
-        policy: &policy,
-        progress: None,
-        on_accepted: None,
-    }
-    .run()
-    .unwrap_err();
+    slots.0.attrs[0] = GOOD;
+    let mut store = MemoryStateStore::default();
+    let err = lib
+        .install(&mut slots, SlotName::A, &mut store, &mut source, "1.0.0")
+        .unwrap_err();
     assert_eq!(
         err.kind,
         update_agent::error::ErrorKind::DigestMismatch,

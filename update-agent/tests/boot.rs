@@ -41,15 +41,7 @@ fn world(strategy_lock: bool) -> World {
     let disk = disk(dir.path(), 8 * MIB, &image(MIB as usize, 1));
     let keys = keys(dir.path());
     let img = image(3 * MIB as usize, 2);
-    let bundle = make_bundle(
-        &BundleSpec {
-            image: &img,
-            version: "1.1.0",
-            frame: MIB as usize,
-            board: None,
-        },
-        &keys.signing,
-    );
+    let bundle = bundle_of("1.1.0", &img, &keys.signing);
     let server = TestServer::start();
     let size = bundle.len() as u64;
     server.put("/payloads/os-1.1.0.tbdl", bundle);
@@ -86,6 +78,16 @@ fn hook(dir: &Path, sub: &str, name: &str, script: &str) {
 impl World {
     fn checks_dir(&self, version: &str) -> PathBuf {
         self.dir.path().join(format!("checks-{version}"))
+    }
+
+    /// `version`'s required check `50-app` fails ("app down").
+    fn break_app_in(&self, version: &str) {
+        hook(
+            &self.checks_dir(version),
+            "required.d",
+            "50-app",
+            "echo app down >&2; exit 1",
+        );
     }
 
     /// A fresh agent process on the host as it booted now.
@@ -178,6 +180,19 @@ impl World {
             .unwrap()
     }
 
+    /// The agent on slot A (1.0.0) after a boot that came back from `version`: it reports the
+    /// rollback.
+    fn back_on_a_after(&self, version: &str) -> Agent {
+        let mut agent = self.agent(SlotName::A, "1.0.0", RebootStrategy::Immediate);
+        assert_eq!(
+            agent.after_boot().unwrap(),
+            BootOutcome::RolledBack {
+                version: version.into()
+            }
+        );
+        agent
+    }
+
     /// Installs 1.1.0 from A and reboots into it.
     fn stage_and_boot_new(&self, strategy: RebootStrategy) -> SlotName {
         let mut agent = self.agent(SlotName::A, "1.0.0", strategy);
@@ -204,12 +219,7 @@ impl World {
 #[test]
 fn failed_required_hook_reverts_and_the_old_slot_reports_the_rollback() {
     let w = world(false);
-    hook(
-        &w.checks_dir("1.1.0"),
-        "required.d",
-        "50-app",
-        "echo app down >&2; exit 1",
-    );
+    w.break_app_in("1.1.0");
     let slot = w.stage_and_boot_new(RebootStrategy::Immediate);
     assert_eq!(slot, SlotName::B);
 
@@ -249,13 +259,7 @@ fn failed_required_hook_reverts_and_the_old_slot_reports_the_rollback() {
     );
     assert_eq!(w.power_cycle(), SlotName::A);
 
-    let mut agent = w.agent(SlotName::A, "1.0.0", RebootStrategy::Immediate);
-    assert_eq!(
-        agent.after_boot().unwrap(),
-        BootOutcome::RolledBack {
-            version: "1.1.0".into()
-        }
-    );
+    let mut agent = w.back_on_a_after("1.1.0");
     let events = w.server.omaha_events();
     assert!(events.contains(&(13, 1, None)), "{events:?}");
     assert!(events.contains(&(14, 1, None)), "{events:?}");
@@ -370,13 +374,7 @@ fn a_new_slot_that_never_comes_up_is_rolled_back_by_the_boot_selector() {
     assert_eq!(w.stage_and_boot_new(RebootStrategy::Immediate), SlotName::B);
     // The new OS crashes before the agent runs; the next power-on falls back to A.
     assert_eq!(w.power_cycle(), SlotName::A);
-    let mut agent = w.agent(SlotName::A, "1.0.0", RebootStrategy::Immediate);
-    assert_eq!(
-        agent.after_boot().unwrap(),
-        BootOutcome::RolledBack {
-            version: "1.1.0".into()
-        }
-    );
+    w.back_on_a_after("1.1.0");
     assert_eq!(w.server.omaha_events().last(), Some(&(3, 0, Some(44))));
     assert_eq!(slots(&w.disk)[1].attrs.priority, 0);
     assert!(w.state().is_quarantined("1.1.0"));
@@ -463,12 +461,7 @@ fn coordinated_reboot_waits_for_the_lock_and_the_maintenance_window() {
 #[test]
 fn a_quarantine_lifted_on_the_update_server_lets_the_host_install_the_release_again() {
     let w = world(false);
-    hook(
-        &w.checks_dir("2.0.0"),
-        "required.d",
-        "50-app",
-        "echo app down >&2; exit 1",
-    );
+    w.break_app_in("2.0.0");
     let server = UpdateServerProcess::start(w.dir.path(), &w.keyring);
     let img = image(3 * MIB as usize, 21);
     let bundle = w.dir.path().join("2.0.0.bundle");

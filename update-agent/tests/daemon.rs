@@ -156,15 +156,7 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
     let h = host("");
     h.os_release("1.0.0");
     let img = image(3 * MIB as usize, 5);
-    let bundle = make_bundle(
-        &BundleSpec {
-            image: &img,
-            version: "1.1.0",
-            frame: MIB as usize,
-            board: None,
-        },
-        &[h.signing_key()],
-    );
+    let bundle = bundle_of("1.1.0", &img, &[h.signing_key()]);
     let server = TestServer::start();
     let size = bundle.len() as u64;
     server.put("/p/os-1.1.0", bundle);

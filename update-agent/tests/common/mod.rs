@@ -20,6 +20,13 @@ use twinroot_format::slot::{SlotAttrs, SlotName, SlotState};
 
 pub const MIB: u64 = 1 << 20;
 
+/// A slot the host booted and confirmed.
+pub const GOOD: SlotAttrs = SlotAttrs {
+    priority: 1,
+    tries: 0,
+    successful: true,
+};
+
 /// One request the server saw.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -390,6 +397,17 @@ pub fn make_bundle(spec: &BundleSpec, keys: &[ed25519_dalek::SigningKey]) -> Vec
     out
 }
 
+/// A bundle of `image` as `version` in frames of 1 MiB of image, for any board.
+pub fn bundle_of(version: &str, image: &[u8], keys: &[ed25519_dalek::SigningKey]) -> Vec<u8> {
+    let spec = BundleSpec {
+        image,
+        version,
+        frame: MIB as usize,
+        board: None,
+    };
+    make_bundle(&spec, keys)
+}
+
 /// Header length of a bundle (where the body starts).
 pub fn header_len(bundle_bytes: &[u8]) -> u64 {
     bundle::read_header_unverified(&mut &bundle_bytes[..])
@@ -408,15 +426,7 @@ pub fn disk(dir: &Path, slot_size: u64, a_content: &[u8]) -> PathBuf {
         },
     )
     .unwrap();
-    d.set_attrs(
-        SlotName::A,
-        SlotAttrs {
-            priority: 1,
-            tries: 0,
-            successful: true,
-        },
-    )
-    .unwrap();
+    d.set_attrs(SlotName::A, GOOD).unwrap();
     let mut w = d.slot_writer(SlotName::A, None).unwrap();
     w.write_all(a_content).unwrap();
     w.finish().unwrap();
