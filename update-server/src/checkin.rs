@@ -929,6 +929,7 @@ impl Batch {
             &ReleaseView {
                 version: version.clone(),
                 salt: release.salt.clone(),
+                min_source_version: parse_version(release.min_source_version.as_deref()),
             },
             &host,
             &RolloutCounts::default(),
@@ -946,6 +947,7 @@ impl Batch {
                     &ReleaseView {
                         version,
                         salt: release.salt.clone(),
+                        min_source_version: parse_version(release.min_source_version.as_deref()),
                     },
                     &host,
                     &counts,

@@ -235,6 +235,8 @@ pub struct ReleaseView {
     pub version: Version,
     /// Per-release salt for cohort buckets.
     pub salt: String,
+    /// The release installs only over this version or newer (signed into its manifest).
+    pub min_source_version: Option<Version>,
 }
 
 /// What the server knows about the asking host.
@@ -270,6 +272,11 @@ pub enum Hold {
     HostNewer,
     /// The host failed this release before.
     Quarantined,
+    /// The host runs a version older than the release's minimum source version (or sent none),
+    /// so it must update to an intermediate release first.
+    BelowMinSourceVersion {
+        min: Version,
+    },
     Paused(String),
     /// The failure threshold was crossed just now: the caller pauses the rollout.
     HaltTriggered(String),
@@ -289,6 +296,7 @@ impl Hold {
             Hold::UpToDate => "up_to_date",
             Hold::HostNewer => "host_newer",
             Hold::Quarantined => "quarantined",
+            Hold::BelowMinSourceVersion { .. } => "below_min_source_version",
             Hold::Paused(_) => "paused",
             Hold::HaltTriggered(_) => "halted",
             Hold::NotInCohort { .. } => "not_in_cohort",
@@ -382,6 +390,11 @@ pub fn decide(
             downgrade = true;
         }
     }
+    if let Some(min) = &release.min_source_version
+        && host.version.as_ref().is_none_or(|v| v < min)
+    {
+        return Decision::Hold(Hold::BelowMinSourceVersion { min: min.clone() });
+    }
     if host.failed_version.as_ref() == Some(&release.version) {
         return Decision::Hold(Hold::Quarantined);
     }
@@ -448,6 +461,7 @@ mod tests {
         ReleaseView {
             version: v("2.0.0"),
             salt: "salt-1".into(),
+            min_source_version: None,
         }
     }
 
@@ -727,6 +741,26 @@ mod tests {
         );
         h.failed_version = Some(v("1.5.0"));
         assert_eq!(decide(&r, &release(), &h, &c, at(T0)), GRANT);
+    }
+
+    #[test]
+    fn hosts_below_the_minimum_source_version_are_held() {
+        let mut rel = release();
+        rel.min_source_version = Some(v("1.5.0"));
+        let r = rollout(RolloutPolicy::default());
+        let c = RolloutCounts::default();
+        let below = Decision::Hold(Hold::BelowMinSourceVersion { min: v("1.5.0") });
+        assert_eq!(decide(&r, &rel, &host("m", "1.4.9"), &c, at(T0)), below);
+        assert_eq!(decide(&r, &rel, &host("m", "1.5.0"), &c, at(T0)), GRANT);
+        assert_eq!(decide(&r, &rel, &host("m", "1.9.0"), &c, at(T0)), GRANT);
+        // A host that sends no version cannot show it is recent enough.
+        let unknown = HostView {
+            machine_id: "m".into(),
+            ..HostView::default()
+        };
+        assert_eq!(decide(&r, &rel, &unknown, &c, at(T0)), below);
+        let label = Hold::BelowMinSourceVersion { min: v("1.0.0") }.label();
+        assert_eq!(label, "below_min_source_version");
     }
 
     #[test]

@@ -1057,3 +1057,39 @@ async fn created_channels_join_the_promotion_order() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn hosts_below_the_minimum_source_version_are_held() {
+    let s = TestServer::start().await;
+    let (status, v) = s
+        .upload(bundle_over(&s.signer, "3.0.0", Some("2.0.0")), &s.admin)
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["min_source_version"], "2.0.0");
+    s.post(
+        "/api/v1/releases/3.0.0/promote",
+        json!({"channel": "stable", "force": true}),
+    )
+    .await;
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("old", "1.9.0", "stable", vec![])).await
+    ));
+    let r = s
+        .omaha(&ue_request("recent", "2.0.0", "stable", vec![]))
+        .await;
+    assert_eq!(granted(&r).unwrap().version, "3.0.0");
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("twinroot_holds_total{reason=\"below_min_source_version\"} 1"),
+        "{metrics}"
+    );
+    s.stop().await;
+}

@@ -35,6 +35,11 @@ pub fn signer(dir: &Path, name: &str) -> Signer {
 
 /// A small signed bundle for `version`.
 pub fn bundle(signer: &Signer, version: &str) -> Vec<u8> {
+    bundle_over(signer, version, None)
+}
+
+/// A small signed bundle for `version` that installs only over `min_source` or newer.
+pub fn bundle_over(signer: &Signer, version: &str, min_source: Option<&str>) -> Vec<u8> {
     let mut image = Vec::with_capacity(256 * 1024);
     let mut x: u32 = version
         .bytes()
@@ -48,7 +53,7 @@ pub fn bundle(signer: &Signer, version: &str) -> Vec<u8> {
     let info = ReleaseInfo {
         os_version: semver::Version::parse(version).unwrap(),
         created_unix: 1_700_000_000,
-        min_source_version: None,
+        min_source_version: min_source.map(|v| semver::Version::parse(v).unwrap()),
         board: None,
     };
     let mut scratch = Cursor::new(Vec::new());
