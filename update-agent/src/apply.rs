@@ -102,8 +102,9 @@ pub struct InstallPolicy {
     pub retry_base: Duration,
     /// Image bytes between two persisted resume checkpoints (taken at zstd frame ends).
     pub checkpoint_every: u64,
-    /// Drop each written range from the page cache before reading it back, so the read-back
-    /// checks the medium itself (costs a full read of the image from the device).
+    /// Read each written range back from the medium itself (O_DIRECT, or after dropping it
+    /// from the page cache), not through the page cache; costs a full read of the image from
+    /// the device.
     pub readback_from_medium: bool,
 }
 
