@@ -535,19 +535,30 @@ fn host_spec(opts: &SimOptions, idx: usize) -> HostSpec {
     }
 }
 
-/// Runs one step of the agent on the blocking pool (the core is synchronous).
+/// Runs one step of the agent on the blocking pool (the core is synchronous). `None` when the
+/// run stopped while the step waited for its turn (it is not run then).
 async fn step<T: Send + 'static>(
     ctx: &Ctx,
     mut agent: Agent,
     f: impl FnOnce(&mut Agent) -> T + Send + 'static,
-) -> (Agent, T) {
-    let _permit = ctx.steps.acquire().await.expect("semaphore open");
-    tokio::task::spawn_blocking(move || {
+) -> Option<(Agent, T)> {
+    if ctx.stop.load(Ordering::SeqCst) {
+        return None;
+    }
+    let _permit = tokio::select! {
+        p = ctx.steps.acquire() => p.expect("semaphore open"),
+        _ = ctx.stop_notify.notified() => return None,
+    };
+    if ctx.stop.load(Ordering::SeqCst) {
+        return None;
+    }
+    let done = tokio::task::spawn_blocking(move || {
         let r = f(&mut agent);
         (agent, r)
     })
     .await
-    .expect("agent step panicked")
+    .expect("agent step panicked");
+    Some(done)
 }
 
 fn new_agent(
@@ -708,14 +719,17 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
         boot += 1;
         let rebooted = Arc::new(AtomicBool::new(false));
         let agent = new_agent(&ctx, &spec, host, booted, &version, boot, rebooted.clone());
-        let (mut agent, outcome) = step(&ctx, agent, |a| {
+        let Some((mut agent, outcome)) = step(&ctx, agent, |a| {
             let o = a.after_boot();
             if let Ok(BootOutcome::MarkedBad { .. }) = &o {
                 let _ = a.reboot_if_due(true);
             }
             o
         })
-        .await;
+        .await
+        else {
+            return Ok(());
+        };
         match &outcome {
             Ok(BootOutcome::MarkedGood { version: v }) => ctx.record(i, "good", v, String::new()),
             Ok(BootOutcome::MarkedBad { version: v, reason }) => {
@@ -753,7 +767,9 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
                 return Ok(());
             }
             if Instant::now() >= next_check {
-                let (a, r) = step(&ctx, agent, |a| a.check()).await;
+                let Some((a, r)) = step(&ctx, agent, |a| a.check()).await else {
+                    return Ok(());
+                };
                 agent = a;
                 ctx.checks.fetch_add(1, Ordering::Relaxed);
                 match r {
@@ -785,11 +801,14 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
                     + opts.real(check_delay(opts.interval, check_failures, fastrand::f64()));
             }
             if next_reboot_try.is_some_and(|t| Instant::now() >= t) {
-                let (a, r) = step(&ctx, agent, |a| {
+                let Some((a, r)) = step(&ctx, agent, |a| {
                     a.retry_release();
                     a.reboot_if_due(false)
                 })
-                .await;
+                .await
+                else {
+                    return Ok(());
+                };
                 agent = a;
                 // Exponential from a tenth of the interval, capped at the interval.
                 let backoff = |failures: u32| {
@@ -946,15 +965,16 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<Report> {
             break "settled";
         }
     };
+    let real_secs = ctx.start.elapsed().as_secs_f64();
     ctx.stop.store(true, Ordering::SeqCst);
     ctx.stop_notify.notify_waiters();
-    // Tasks wake from their sleeps; one inside an agent step finishes that step first.
+    // Tasks wake from their sleeps or their wait for a step; one inside an agent step finishes
+    // that step first.
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err((i, e))) = r {
             return Err(e.context(format!("simulated host {i}")));
         }
     }
-    let real_secs = ctx.start.elapsed().as_secs_f64();
     let timeline = std::mem::take(&mut *ctx.timeline.lock().expect("timeline lock"));
     let initial = opts.initial_version.to_string();
     let (versions, _) = summarize(opts.hosts, &initial, &timeline);

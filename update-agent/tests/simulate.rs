@@ -45,11 +45,12 @@ struct Service {
 }
 
 impl Service {
-    async fn start(name: &str, args: Vec<String>, log: PathBuf, port: u16) -> Service {
+    /// Starts binary `name` with `args`, logging to `dir/NAME.log`.
+    async fn start(dir: &std::path::Path, name: &str, args: &[&str], port: u16) -> Service {
         let mut s = Service {
             program: binary(name),
-            args,
-            log,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log: dir.join(format!("{name}.log")),
             port,
             child: None,
         };
@@ -155,42 +156,43 @@ impl Fleet {
             .trim()
             .to_string();
         let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let keyring_arg = keyring_path.display().to_string();
+        let scale_arg = time_scale.to_string();
         let server = Service::start(
+            dir.path(),
             "update-server",
-            [
+            &[
                 "serve",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &listen,
                 "--data-dir",
                 &data_arg,
                 "--keyring",
-                &keyring_path.display().to_string(),
+                &keyring_arg,
                 "--time-scale",
-                &time_scale.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-            dir.path().join("update-server.log"),
+                &scale_arg,
+            ],
             port,
         )
         .await;
 
         let etcd = EtcdCluster::start_single().await;
         let cport = free_port();
+        let listen = format!("127.0.0.1:{cport}");
+        let (endpoint, slots_arg) = (etcd.endpoint(0), slots.to_string());
         let coordinator = Service::start(
+            dir.path(),
             "reboot-coordinator",
-            [
+            &[
                 "serve",
                 "--listen",
-                &format!("127.0.0.1:{cport}"),
+                &listen,
                 "--etcd",
-                &etcd.endpoint(0),
+                &endpoint,
                 "--default-slots",
-                &slots.to_string(),
-            ]
-            .map(String::from)
-            .to_vec(),
-            dir.path().join("reboot-coordinator.log"),
+                &slots_arg,
+            ],
             cport,
         )
         .await;
