@@ -209,11 +209,7 @@ impl Request {
             match (path, name) {
                 ([], "request") => {
                     let a = attrs(el, "request")?;
-                    let protocol = a.get("protocol").unwrap_or(PROTOCOL_VERSION).to_string();
-                    if !protocol.starts_with("3.") {
-                        return Err(OmahaError::UnsupportedProtocol(protocol));
-                    }
-                    req.protocol = protocol;
+                    req.protocol = a.protocol()?;
                     req.version = a.string("version");
                     req.updater_version = a.string("updaterversion");
                     req.install_source = a.string("installsource");
@@ -229,12 +225,7 @@ impl Request {
                     });
                 }
                 (["request"], "app") => {
-                    if req.apps.len() == MAX_APPS {
-                        return Err(OmahaError::TooMany {
-                            element: "app",
-                            limit: MAX_APPS,
-                        });
-                    }
+                    room_for_app(req.apps.len())?;
                     let a = attrs(el, "app")?;
                     req.apps.push(AppRequest {
                         app_id: a.required("appid")?,
@@ -306,14 +297,7 @@ impl Request {
 
     /// Writes the request document.
     pub fn to_xml(&self) -> String {
-        let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let protocol = if self.protocol.is_empty() {
-            PROTOCOL_VERSION
-        } else {
-            &self.protocol
-        };
-        s.push_str("<request");
-        attr(&mut s, "protocol", Some(protocol));
+        let mut s = open_document("request", &self.protocol);
         attr(&mut s, "version", self.version.as_deref());
         attr(&mut s, "updaterversion", self.updater_version.as_deref());
         attr(&mut s, "installsource", self.install_source.as_deref());
@@ -534,11 +518,7 @@ impl Response {
             match (path, name) {
                 ([], "response") => {
                     let a = attrs(el, "response")?;
-                    let protocol = a.get("protocol").unwrap_or(PROTOCOL_VERSION).to_string();
-                    if !protocol.starts_with("3.") {
-                        return Err(OmahaError::UnsupportedProtocol(protocol));
-                    }
-                    resp.protocol = protocol;
+                    resp.protocol = a.protocol()?;
                     resp.server = a.string("server");
                 }
                 (["response"], "daystart") => {
@@ -549,12 +529,7 @@ impl Response {
                     });
                 }
                 (["response"], "app") => {
-                    if resp.apps.len() == MAX_APPS {
-                        return Err(OmahaError::TooMany {
-                            element: "app",
-                            limit: MAX_APPS,
-                        });
-                    }
+                    room_for_app(resp.apps.len())?;
                     let a = attrs(el, "app")?;
                     resp.apps.push(AppResponse {
                         app_id: a.required("appid")?,
@@ -649,14 +624,7 @@ impl Response {
 
     /// Writes the response document.
     pub fn to_xml(&self) -> String {
-        let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        let protocol = if self.protocol.is_empty() {
-            PROTOCOL_VERSION
-        } else {
-            &self.protocol
-        };
-        s.push_str("<response");
-        attr(&mut s, "protocol", Some(protocol));
+        let mut s = open_document("response", &self.protocol);
         attr(&mut s, "server", self.server.as_deref());
         s.push_str(">\n");
         if let Some(d) = &self.daystart {
@@ -874,7 +842,39 @@ fn attrs(el: &BytesStart<'_>, element: &'static str) -> Result<Attrs, OmahaError
     Ok(Attrs { element, pairs })
 }
 
+/// Starts a document: the XML declaration and `<ROOT protocol="..."` (3.0 when empty).
+fn open_document(root: &str, protocol: &str) -> String {
+    let mut s = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<{root}");
+    let protocol = if protocol.is_empty() {
+        PROTOCOL_VERSION
+    } else {
+        protocol
+    };
+    attr(&mut s, "protocol", Some(protocol));
+    s
+}
+
+/// Refuses one more `<app>` beyond [`MAX_APPS`].
+fn room_for_app(apps: usize) -> Result<(), OmahaError> {
+    if apps == MAX_APPS {
+        return Err(OmahaError::TooMany {
+            element: "app",
+            limit: MAX_APPS,
+        });
+    }
+    Ok(())
+}
+
 impl Attrs {
+    /// The root element's `protocol` (3.0 when missing); other major versions are refused.
+    fn protocol(&self) -> Result<String, OmahaError> {
+        let protocol = self.get("protocol").unwrap_or(PROTOCOL_VERSION).to_string();
+        if !protocol.starts_with("3.") {
+            return Err(OmahaError::UnsupportedProtocol(protocol));
+        }
+        Ok(protocol)
+    }
+
     fn get(&self, key: &str) -> Option<&str> {
         self.pairs
             .iter()

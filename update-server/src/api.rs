@@ -362,8 +362,7 @@ async fn promote(
     )
     .await
     .or_500()?;
-    s.store.config_changed();
-    tx.commit().await.map_err(|e| internal(e.into()))?;
+    commit_config_change(tx, &s).await?;
     ok_json(
         &serde_json::json!({ "channel": channel.name, "version": version, "forced": body.force }),
     )
@@ -423,8 +422,7 @@ async fn create_channel(State(s): State<Shared>, Json(body): Json<CreateChannelB
     )
     .await
     .or_500()?;
-    s.store.config_changed();
-    tx.commit().await.map_err(|e| internal(e.into()))?;
+    commit_config_change(tx, &s).await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({"name": body.name, "position": position, "after": after.name})),
@@ -551,17 +549,24 @@ async fn set_rollout(
     )
     .await
     .or_500()?;
+    commit_config_change(tx, &s).await?;
+    rollout_answer(s, channel, group).await
+}
+
+/// The rollout of `channel` (and `group`) as `GET /rollouts/{channel}` shows it.
+async fn rollout_answer(s: Shared, channel: String, group: String) -> ApiResult {
+    let query = GroupQuery {
+        group: Some(group),
+        channel: None,
+    };
+    show_rollout(State(s), Path(channel), Query(query)).await
+}
+
+/// Commits an admin change to channels, rollouts or lifts, telling the check-in writer to read
+/// them again.
+async fn commit_config_change(tx: crate::store::Tx, s: &Shared) -> Result<(), Response> {
     s.store.config_changed();
-    tx.commit().await.map_err(|e| internal(e.into()))?;
-    show_rollout(
-        State(s),
-        Path(channel),
-        Query(GroupQuery {
-            group: Some(group),
-            channel: None,
-        }),
-    )
-    .await
+    tx.commit().await.map_err(|e| internal(e.into()))
 }
 
 fn group_suffix(group: &str) -> String {
@@ -642,17 +647,8 @@ async fn set_pause(s: Shared, channel: String, body: PauseBody, paused: bool) ->
     Store::activity_in(&mut tx, now, kind, Some(&channel), Some(&group), None, &msg)
         .await
         .or_500()?;
-    s.store.config_changed();
-    tx.commit().await.map_err(|e| internal(e.into()))?;
-    show_rollout(
-        State(s),
-        Path(channel),
-        Query(GroupQuery {
-            group: Some(group),
-            channel: None,
-        }),
-    )
-    .await
+    commit_config_change(tx, &s).await?;
+    rollout_answer(s, channel, group).await
 }
 
 // ---- instances and activity -------------------------------------------------------------------
@@ -737,8 +733,7 @@ async fn lift_quarantine(
     )
     .await
     .or_500()?;
-    s.store.config_changed();
-    tx.commit().await.map_err(|e| internal(e.into()))?;
+    commit_config_change(tx, &s).await?;
     ok_json(&lift)
 }
 

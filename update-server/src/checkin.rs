@@ -737,18 +737,7 @@ impl Batch {
         inst.boot_id = app.boot_id.clone().or(inst.boot_id);
         inst.last_seen = ts;
         inst.checkins += 1;
-        let history = |inst: &InstanceRow, ev: Option<&omaha::Event>| HistoryRow {
-            at: ts,
-            machine_id: inst.machine_id.clone(),
-            channel: inst.channel.clone(),
-            group: inst.group.clone(),
-            version: inst.version.clone(),
-            target_version: inst.target_version.clone(),
-            status: inst.status.clone(),
-            event_type: ev.map(|e| i64::from(e.event_type)),
-            event_result: ev.map(|e| i64::from(e.event_result)),
-            error_code: ev.and_then(|e| e.error_code),
-        };
+        let history = |inst: &InstanceRow, ev: Option<&omaha::Event>| history_row(inst, ev, ts);
 
         // A host that reports the version it was granted has completed the update.
         if is_in_flight(&inst.status)
@@ -981,18 +970,7 @@ impl Batch {
                 inst.outcome = None;
                 inst.outcome_version = None;
                 inst.outcome_at = None;
-                self.history.push(HistoryRow {
-                    at: ts,
-                    machine_id: inst.machine_id.clone(),
-                    channel: inst.channel.clone(),
-                    group: inst.group.clone(),
-                    version: inst.version.clone(),
-                    target_version: inst.target_version.clone(),
-                    status: inst.status.clone(),
-                    event_type: None,
-                    event_result: None,
-                    error_code: None,
-                });
+                self.history.push(history_row(inst, None, ts));
                 self.current.insert(inst.machine_id.clone(), inst.clone());
                 Ok(UpdateCheckResponse::Ok(offer))
             }
@@ -1008,6 +986,22 @@ impl Batch {
                 Ok(UpdateCheckResponse::NoUpdate)
             }
         }
+    }
+}
+
+/// A status history entry for the host's record as it is now, with the event that changed it.
+fn history_row(inst: &InstanceRow, ev: Option<&omaha::Event>, at: i64) -> HistoryRow {
+    HistoryRow {
+        at,
+        machine_id: inst.machine_id.clone(),
+        channel: inst.channel.clone(),
+        group: inst.group.clone(),
+        version: inst.version.clone(),
+        target_version: inst.target_version.clone(),
+        status: inst.status.clone(),
+        event_type: ev.map(|e| i64::from(e.event_type)),
+        event_result: ev.map(|e| i64::from(e.event_result)),
+        error_code: ev.and_then(|e| e.error_code),
     }
 }
 

@@ -261,40 +261,38 @@ struct PolicyArgs {
     pin: Option<String>,
 }
 
+/// The rollout a subcommand is about: a channel, or a group override inside it.
+#[derive(Args)]
+struct RolloutTarget {
+    #[command(flatten)]
+    conn: Conn,
+    channel: String,
+    #[arg(long)]
+    group: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Set a channel's policy (or a group override with --group).
     Set {
         #[command(flatten)]
-        conn: Conn,
-        channel: String,
-        #[arg(long)]
-        group: Option<String>,
+        target: RolloutTarget,
         #[command(flatten)]
         policy: PolicyArgs,
     },
     Pause {
         #[command(flatten)]
-        conn: Conn,
-        channel: String,
-        #[arg(long)]
-        group: Option<String>,
+        target: RolloutTarget,
         #[arg(long)]
         reason: Option<String>,
     },
     Resume {
         #[command(flatten)]
-        conn: Conn,
-        channel: String,
-        #[arg(long)]
-        group: Option<String>,
+        target: RolloutTarget,
     },
     Show {
         #[command(flatten)]
-        conn: Conn,
-        channel: String,
-        #[arg(long)]
-        group: Option<String>,
+        target: RolloutTarget,
         #[arg(long)]
         json: bool,
     },
@@ -365,9 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Rollout { command } => match command {
             RolloutCommand::Set {
-                conn,
-                channel,
-                group,
+                target: t,
                 policy: p,
             } => {
                 let flags = PolicyFlags {
@@ -384,34 +380,20 @@ async fn run(cli: Cli) -> Result<()> {
                     halt_min_reports: p.halt_min_reports,
                     pin: p.pin,
                 };
-                cli::rollout_set(&conn.client()?, &channel, group.as_deref(), &flags).await
+                cli::rollout_set(&t.conn.client()?, &t.channel, t.group.as_deref(), &flags).await
             }
-            RolloutCommand::Pause {
-                conn,
-                channel,
-                group,
-                reason,
-            } => {
-                cli::rollout_pause(
-                    &conn.client()?,
-                    &channel,
-                    group.as_deref(),
-                    reason.as_deref(),
-                    true,
-                )
-                .await
+            RolloutCommand::Pause { target: t, reason } => {
+                let group = t.group.as_deref();
+                let c = t.conn.client()?;
+                cli::rollout_pause(&c, &t.channel, group, reason.as_deref(), true).await
             }
-            RolloutCommand::Resume {
-                conn,
-                channel,
-                group,
-            } => cli::rollout_pause(&conn.client()?, &channel, group.as_deref(), None, false).await,
-            RolloutCommand::Show {
-                conn,
-                channel,
-                group,
-                json,
-            } => cli::rollout_show(&conn.client()?, &channel, group.as_deref(), json).await,
+            RolloutCommand::Resume { target: t } => {
+                let c = t.conn.client()?;
+                cli::rollout_pause(&c, &t.channel, t.group.as_deref(), None, false).await
+            }
+            RolloutCommand::Show { target: t, json } => {
+                cli::rollout_show(&t.conn.client()?, &t.channel, t.group.as_deref(), json).await
+            }
         },
         Command::Instances {
             command:

@@ -420,6 +420,46 @@ fn rollout_from_row(r: &sqlx::any::AnyRow) -> Result<RolloutRow> {
     })
 }
 
+fn release_from_row(r: &sqlx::any::AnyRow) -> Result<ReleaseRow, sqlx::Error> {
+    Ok(ReleaseRow {
+        version: r.try_get("version")?,
+        sha256: r.try_get("sha256")?,
+        sha1_base64: r.try_get("sha1_base64")?,
+        size: r.try_get("size")?,
+        salt: r.try_get("salt")?,
+        board: r.try_get("board")?,
+        min_source_version: r.try_get("min_source_version")?,
+        created_unix: r.try_get("created_unix")?,
+        uploaded_at: r.try_get("uploaded_at")?,
+        channels: Vec::new(),
+    })
+}
+
+fn channel_from_row(r: &sqlx::any::AnyRow) -> Result<ChannelRow, sqlx::Error> {
+    Ok(ChannelRow {
+        name: r.try_get("name")?,
+        position: r.try_get("position")?,
+        release_version: r.try_get("release_version")?,
+        promoted_at: r.try_get("promoted_at")?,
+    })
+}
+
+/// All channels in promotion order, through the pool or inside a transaction.
+async fn channels_on<'c, E: sqlx::Executor<'c, Database = Any>>(e: E) -> Result<Vec<ChannelRow>> {
+    let rows = sqlx::query(sql::SELECT_CHANNELS).fetch_all(e).await?;
+    Ok(rows.iter().map(channel_from_row).collect::<Result<_, _>>()?)
+}
+
+/// The release a one-parameter query finds, through the pool or inside a transaction.
+async fn release_where<'c, E: sqlx::Executor<'c, Database = Any>>(
+    e: E,
+    query: &'static str,
+    arg: &str,
+) -> Result<Option<ReleaseRow>> {
+    let row = sqlx::query(query).bind(arg).fetch_optional(e).await?;
+    Ok(row.as_ref().map(release_from_row).transpose()?)
+}
+
 const INSTANCE_COLUMNS: &str = "machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, outcome_at, failed_version, first_seen, last_seen, checkins";
 
 impl Store {
@@ -652,43 +692,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    fn release_from_row(r: &sqlx::any::AnyRow) -> Result<ReleaseRow, sqlx::Error> {
-        Ok(ReleaseRow {
-            version: r.try_get("version")?,
-            sha256: r.try_get("sha256")?,
-            sha1_base64: r.try_get("sha1_base64")?,
-            size: r.try_get("size")?,
-            salt: r.try_get("salt")?,
-            board: r.try_get("board")?,
-            min_source_version: r.try_get("min_source_version")?,
-            created_unix: r.try_get("created_unix")?,
-            uploaded_at: r.try_get("uploaded_at")?,
-            channels: Vec::new(),
-        })
-    }
-
     pub async fn release(&self, version: &str) -> Result<Option<ReleaseRow>> {
-        let row = sqlx::query(sql::SELECT_RELEASE)
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+        release_where(&self.pool, sql::SELECT_RELEASE, version).await
     }
 
     pub async fn release_in(tx: &mut Tx, version: &str) -> Result<Option<ReleaseRow>> {
-        let row = sqlx::query(sql::SELECT_RELEASE)
-            .bind(version)
-            .fetch_optional(&mut **tx)
-            .await?;
-        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+        release_where(&mut **tx, sql::SELECT_RELEASE, version).await
     }
 
     pub async fn release_by_sha256(&self, sha256: &str) -> Result<Option<ReleaseRow>> {
-        let row = sqlx::query("SELECT * FROM releases WHERE sha256 = $1")
-            .bind(sha256)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| Self::release_from_row(&r)).transpose()?)
+        release_where(&self.pool, "SELECT * FROM releases WHERE sha256 = $1", sha256).await
     }
 
     pub async fn releases(&self) -> Result<Vec<ReleaseRow>> {
@@ -698,7 +711,7 @@ impl Store {
         let channels = self.channels().await?;
         let mut out = Vec::new();
         for r in rows {
-            let mut rel = Self::release_from_row(&r)?;
+            let mut rel = release_from_row(&r)?;
             rel.channels = channels
                 .iter()
                 .filter(|c| c.release_version.as_deref() == Some(rel.version.as_str()))
@@ -710,19 +723,7 @@ impl Store {
     }
 
     pub async fn channels(&self) -> Result<Vec<ChannelRow>> {
-        let rows = sqlx::query(sql::SELECT_CHANNELS)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ChannelRow {
-                    name: r.try_get("name")?,
-                    position: r.try_get("position")?,
-                    release_version: r.try_get("release_version")?,
-                    promoted_at: r.try_get("promoted_at")?,
-                })
-            })
-            .collect()
+        channels_on(&self.pool).await
     }
 
     pub async fn channel_in(tx: &mut Tx, name: &str) -> Result<Option<ChannelRow>> {
@@ -730,15 +731,7 @@ impl Store {
             .bind(name)
             .fetch_optional(&mut **tx)
             .await?;
-        row.map(|r| {
-            Ok(ChannelRow {
-                name: r.try_get("name")?,
-                position: r.try_get("position")?,
-                release_version: r.try_get("release_version")?,
-                promoted_at: r.try_get("promoted_at")?,
-            })
-        })
-        .transpose()
+        Ok(row.as_ref().map(channel_from_row).transpose()?)
     }
 
     /// Creates a channel right after `after` in the promotion order, with the default rollout
@@ -946,19 +939,7 @@ impl Store {
 
     /// All channels, read inside a transaction.
     pub async fn channels_in(tx: &mut Tx) -> Result<Vec<ChannelRow>> {
-        let rows = sqlx::query(sql::SELECT_CHANNELS)
-            .fetch_all(&mut **tx)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ChannelRow {
-                    name: r.try_get("name")?,
-                    position: r.try_get("position")?,
-                    release_version: r.try_get("release_version")?,
-                    promoted_at: r.try_get("promoted_at")?,
-                })
-            })
-            .collect()
+        channels_on(&mut **tx).await
     }
 
     /// All rollout rows; on PostgreSQL locked (`FOR UPDATE`, in key order) until the transaction

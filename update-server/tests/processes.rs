@@ -283,31 +283,43 @@ async fn postgres_several_servers_agree() {
     b.terminate();
 }
 
-/// Runs the binary's client subcommands; returns stdout, panics with stderr on failure.
-fn cli(url: &str, token: &str, args: &[&str]) -> String {
+/// Runs `update-server ARGS` against a server; returns (success, stdout, stderr).
+fn run_cli(url: &str, token: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
         .args(args)
         .env("TWINROOT_SERVER", url)
         .env("TWINROOT_TOKEN", token)
+        .env_remove("TWINROOT_DATABASE_URL")
         .output()
         .unwrap();
-    assert!(
+    (
         out.status.success(),
-        "update-server {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
+/// stdout of a client subcommand that must succeed.
+fn cli(url: &str, token: &str, args: &[&str]) -> String {
+    let (ok, out, err) = run_cli(url, token, args);
+    assert!(ok, "update-server {args:?}: {err}");
+    out
+}
+
+/// stderr of a client subcommand that must fail.
 fn cli_fails(url: &str, token: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
-        .args(args)
-        .env("TWINROOT_SERVER", url)
-        .env("TWINROOT_TOKEN", token)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "update-server {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
+    let (ok, _, err) = run_cli(url, token, args);
+    assert!(!ok, "update-server {args:?} should fail");
+    err
+}
+
+/// One step of a CLI session: who runs it, the arguments, and for a step that must fail, the
+/// pieces its error must contain.
+struct Step(Who, &'static [&'static str], &'static [&'static str]);
+
+enum Who {
+    Admin,
+    Viewer,
 }
 
 #[tokio::test]
@@ -323,27 +335,22 @@ async fn cli_subcommands_drive_the_api() {
     std::fs::write(&file, bundle(&signer, "5.0.0")).unwrap();
     let url = p.url.clone();
     let file_s = file.to_str().unwrap().to_string();
-    let (url2, token2, viewer2) = (url.clone(), token.clone(), viewer.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        let (url, token, viewer) = (url2, token2, viewer2);
-        let mut out = String::new();
-        out += &cli(&url, &token, &["release", "upload", &file_s]);
-        out += &cli(&url, &token, &["release", "list"]);
-        out += &cli(
-            &url,
-            &token,
+    use Who::*;
+    let script = [
+        Step(Admin, &["release", "list"], &[]),
+        Step(
+            Admin,
             &["release", "promote", "5.0.0", "--channel", "alpha"],
-        );
-        out += &cli(&url, &token, &["release", "list"]);
-        let err = cli_fails(
-            &url,
-            &token,
+            &[],
+        ),
+        Step(Admin, &["release", "list"], &[]),
+        Step(
+            Admin,
             &["release", "promote", "5.0.0", "--channel", "stable"],
-        );
-        assert!(err.contains("409") && err.contains("beta"), "{err}");
-        out += &cli(
-            &url,
-            &token,
+            &["409", "beta"],
+        ),
+        Step(
+            Admin,
             &[
                 "release",
                 "promote",
@@ -352,10 +359,10 @@ async fn cli_subcommands_drive_the_api() {
                 "stable",
                 "--force",
             ],
-        );
-        out += &cli(
-            &url,
-            &token,
+            &[],
+        ),
+        Step(
+            Admin,
             &[
                 "rollout",
                 "set",
@@ -373,35 +380,52 @@ async fn cli_subcommands_drive_the_api() {
                 "--halt-min-reports",
                 "5",
             ],
-        );
-        out += &cli(
-            &url,
-            &token,
+            &[],
+        ),
+        Step(
+            Admin,
             &["rollout", "pause", "stable", "--reason", "cli test"],
-        );
-        out += &cli(&url, &token, &["rollout", "show", "stable"]);
-        out += &cli(&url, &token, &["rollout", "resume", "stable"]);
-        let err = cli_fails(&url, &viewer, &["rollout", "pause", "stable"]);
-        assert!(err.contains("403"), "{err}");
-        let err = cli_fails(
-            &url,
-            &token,
+            &[],
+        ),
+        Step(Admin, &["rollout", "show", "stable"], &[]),
+        Step(Admin, &["rollout", "resume", "stable"], &[]),
+        Step(Viewer, &["rollout", "pause", "stable"], &["403"]),
+        Step(
+            Admin,
             &["rollout", "set", "stable", "--window", "someday"],
-        );
-        assert!(err.contains("someday"), "{err}");
-        out += &cli(
-            &url,
-            &token,
+            &["someday"],
+        ),
+        Step(
+            Admin,
             &["channel", "create", "edge", "--after", "stable"],
-        );
-        out += &cli(&url, &viewer, &["channel", "list"]);
-        let err = cli_fails(
-            &url,
-            &token,
+            &[],
+        ),
+        Step(Viewer, &["channel", "list"], &[]),
+        Step(
+            Admin,
             &["channel", "create", "Edge!", "--after", "stable"],
-        );
-        assert!(err.contains("422") && err.contains("\"Edge!\""), "{err}");
-        out += &cli(&url, &viewer, &["activity"]);
+            &["422", "\"Edge!\""],
+        ),
+        Step(Viewer, &["activity"], &[]),
+    ];
+    let (url2, token2, viewer2) = (url.clone(), token.clone(), viewer.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = cli(&url2, &token2, &["release", "upload", &file_s]);
+        for Step(who, args, fails_with) in script {
+            let t = match who {
+                Admin => &token2,
+                Viewer => &viewer2,
+            };
+            if fails_with.is_empty() {
+                out += &cli(&url2, t, args);
+            } else {
+                let err = cli_fails(&url2, t, args);
+                assert!(
+                    fails_with.iter().all(|f| err.contains(f)),
+                    "{args:?}: {err}"
+                );
+            }
+        }
         out
     })
     .await
@@ -491,18 +515,9 @@ fn serve_refuses_bad_time_scales_and_coordinator_urls() {
     }
 }
 
-/// `update-server ARGS` with no server connection; returns (success, stdout, stderr).
+/// `update-server ARGS` that needs no server.
 fn local(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
-        .args(args)
-        .env_remove("TWINROOT_DATABASE_URL")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    run_cli("http://127.0.0.1:1", "", args)
 }
 
 #[tokio::test]

@@ -281,6 +281,21 @@ async fn promotion_order_force_and_signature_checks() {
     s.stop().await;
 }
 
+/// Host `id` on stable, running 1.0.0, reports a failed install (event 3, result 0) with `code`.
+async fn report_failure(s: &TestServer, id: &str, code: i64) {
+    let failed = ev(event_type::UPDATE_COMPLETE, event_result::ERROR, Some(code));
+    s.omaha(&event_request(id, "1.0.0", "stable", vec![failed]))
+        .await;
+}
+
+/// A server with release 2.0.0 on stable under `policy`.
+async fn serving_2_0_0(policy: serde_json::Value) -> TestServer {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    set_policy(&s, "stable", None, policy).await;
+    s
+}
+
 async fn set_policy(s: &TestServer, channel: &str, group: Option<&str>, policy: serde_json::Value) {
     s.put(
         &format!("/api/v1/rollouts/{channel}"),
@@ -451,15 +466,7 @@ async fn pin_serves_an_older_release_as_downgrade() {
 
 #[tokio::test]
 async fn failures_halt_the_rollout_until_resumed() {
-    let s = TestServer::start().await;
-    s.release_on("2.0.0", "stable").await;
-    set_policy(
-        &s,
-        "stable",
-        None,
-        json!({"halt": {"max_failure_percent": 40, "min_reports": 3}}),
-    )
-    .await;
+    let s = serving_2_0_0(json!({"halt": {"max_failure_percent": 40, "min_reports": 3}})).await;
     for i in 0..5 {
         assert!(
             granted(
@@ -472,13 +479,7 @@ async fn failures_halt_the_rollout_until_resumed() {
     // One success, then an install error, then a rollback (errorcode 44, reported on the old version).
     s.omaha(&ue_request("h0", "2.0.0", "stable", vec![ev(3, 2, None)]))
         .await;
-    s.omaha(&event_request(
-        "h1",
-        "1.0.0",
-        "stable",
-        vec![ev(3, 0, Some(7))],
-    ))
-    .await;
+    report_failure(&s, "h1", 7).await;
     // 1 failure of 2 reports: below min_reports, still rolling.
     assert!(granted(&s.omaha(&ue_request("h5", "1.0.0", "stable", vec![])).await).is_some());
     s.omaha(&ue_request(
@@ -511,15 +512,7 @@ async fn failures_halt_the_rollout_until_resumed() {
     ));
     let activity = s.get("/api/v1/activity").await;
     assert!(activity[0]["kind"] == "rollout_halted", "{activity}");
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("twinroot_rollout_paused{channel=\"stable\",group=\"\",automatic=\"true\",reason=\"automatic halt: 2 of 3"), "{metrics}");
     assert!(
         metrics.contains("twinroot_update_failures{channel=\"stable\",group=\"\",window=\"1h\"} 2"),
@@ -684,15 +677,7 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
     // Still serving, state intact.
     let r = s.omaha(&ue_request("ok1", "1.0.0", "stable", vec![])).await;
     granted(&r).unwrap().check().unwrap();
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("twinroot_bad_requests_total 7"),
         "{metrics}"
@@ -717,12 +702,7 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn concurrent_check_ins_respect_limits_within_a_batch() {
-    let s = TestServer::start().await;
-    s.release_on("2.0.0", "stable").await;
-    set_policy(
-        &s,
-        "stable",
-        None,
+    let s = serving_2_0_0(
         json!({"max_in_flight": 4, "halt": {"max_failure_percent": 50, "min_reports": 4}}),
     )
     .await;
@@ -817,13 +797,7 @@ async fn quarantine_lift_reaches_only_its_host_until_it_reports_the_version() {
     for id in ["q1", "q2", "q3"] {
         assert!(granted(&s.omaha(&ue_request(id, "1.0.0", "stable", vec![])).await).is_some());
         // The install fails: the server quarantines the host for 2.0.0.
-        s.omaha(&event_request(
-            id,
-            "1.0.0",
-            "stable",
-            vec![ev(3, 0, Some(7))],
-        ))
-        .await;
+        report_failure(&s, id, 7).await;
         assert!(is_noupdate(
             &s.omaha(&ue_request(id, "1.0.0", "stable", vec![])).await
         ));
@@ -910,13 +884,7 @@ async fn quarantine_lift_reaches_only_its_host_until_it_reports_the_version() {
     )
     .await;
     assert!(granted(&s.omaha(&ue_request("q3", "1.0.0", "stable", vec![])).await).is_some());
-    s.omaha(&event_request(
-        "q3",
-        "1.0.0",
-        "stable",
-        vec![ev(3, 0, Some(error_code::ROLLBACK))],
-    ))
-    .await;
+    report_failure(&s, "q3", error_code::ROLLBACK).await;
     let r = s.omaha(&ue_request("q3", "1.0.0", "stable", vec![])).await;
     assert!(is_noupdate(&r));
     assert!(r.apps[0].lift_quarantine.is_empty());
@@ -1078,15 +1046,7 @@ async fn hosts_below_the_minimum_source_version_are_held() {
         .omaha(&ue_request("recent", "2.0.0", "stable", vec![]))
         .await;
     assert_eq!(granted(&r).unwrap().version, "3.0.0");
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("twinroot_holds_total{reason=\"below_min_source_version\"} 1"),
         "{metrics}"

@@ -170,6 +170,12 @@ impl TestServer {
         .await;
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("{}/metrics", self.url)).send();
+        resp.await.unwrap().text().await.unwrap()
+    }
+
     pub async fn omaha(&self, req: &Request) -> Response {
         omaha_post(&self.http, &self.url, req).await
     }
