@@ -1,10 +1,13 @@
 //! `update-server watch CHANNEL`: the rollout page in a terminal, redrawn in place.
 //!
-//! It polls the same JSON the web page draws (`/api/v1/series/CHANNEL`), renders it with
+//! It reads the same JSON the web page draws (`/api/v1/series/CHANNEL`) whenever the server's event
+//! stream says something changed, and every `--interval` anyway, renders it with
 //! [`render`] (a pure function of the view, the width and the time) and redraws on the alternate
 //! screen. `q`, `Esc` or Ctrl-C leave it and restore the terminal.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -226,6 +229,15 @@ async fn fetch(http: &reqwest::Client, cfg: &WatchConfig) -> Result<Value> {
     Ok(v)
 }
 
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Restores the terminal however `watch` ends.
 struct Screen;
 
@@ -275,6 +287,47 @@ fn quits(ev: &Event) -> bool {
     }
 }
 
+/// Follows the server's event stream (`/api/v1/dashboard/events`), raising `changed` on each
+/// event and `live` while connected; reconnects 5 s after the stream ends or fails.
+async fn listen(cfg: WatchConfig, changed: Arc<AtomicBool>, live: Arc<AtomicBool>) {
+    use futures_util::StreamExt;
+    // No overall timeout: the stream stays open.
+    let Ok(http) = crate::http_client_builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+    else {
+        return;
+    };
+    let url = format!(
+        "{}/api/v1/dashboard/events",
+        cfg.server.trim_end_matches('/')
+    );
+    loop {
+        if let Ok(resp) = http.get(&url).bearer_auth(&cfg.token).send().await
+            && resp.status().is_success()
+        {
+            live.store(true, Ordering::Relaxed);
+            let mut body = resp.bytes_stream();
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n"));
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    // `hello` too: redraw once connected, to show that the view is live.
+                    if block
+                        .lines()
+                        .any(|l| matches!(l.trim_end(), "event: change" | "event: hello"))
+                    {
+                        changed.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        live.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
 /// Runs until the user quits.
 pub async fn run(cfg: WatchConfig) -> Result<()> {
     crate::series::Range::parse(&cfg.range).map_err(anyhow::Error::msg)?;
@@ -284,6 +337,11 @@ pub async fn run(cfg: WatchConfig) -> Result<()> {
     // Fail before taking over the terminal when the server or token is wrong.
     let mut view = fetch(&http, &cfg).await?;
     let _screen = Screen::enter()?;
+    // Redraw as soon as the server says something changed; poll every interval anyway.
+    let changed = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(AtomicBool::new(false));
+    let listener = tokio::spawn(listen(cfg.clone(), changed.clone(), live.clone()));
+    let _stop_listening = AbortOnDrop(listener);
     let mut error: Option<String> = None;
     loop {
         let (w, _) = terminal::size().unwrap_or((80, 24));
@@ -293,12 +351,19 @@ pub async fn run(cfg: WatchConfig) -> Result<()> {
         if let Some(e) = &error {
             lines.push(format!("(last refresh failed: {e})"));
         }
+        if let Some(last) = lines.last_mut() {
+            last.push_str(if live.load(Ordering::Relaxed) {
+                "   (live)"
+            } else {
+                "   (polling)"
+            });
+        }
         draw(&lines)?;
         // Wait for a key or the next refresh.
         let deadline = tokio::time::Instant::now() + cfg.interval;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || changed.swap(false, Ordering::Relaxed) {
                 break;
             }
             let ev = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Event>> {

@@ -88,11 +88,12 @@ async fn quit_with(sock: &Path, key: &str) -> String {
     }
 }
 
-fn start_watch(sock: &Path, url: &str, token: &str) {
+/// Starts `watch beta` in the pane, polling every `interval` seconds (besides the event stream).
+fn start_watch(sock: &Path, url: &str, token: &str, interval: f64) {
     // The shell records watch's exit status in a file: tmux's own #{pane_dead_status} was seen
     // to stay empty on a loaded machine although the program had exited.
     let cmd = format!(
-        "sh -c '{} watch beta --server {url} --token {token} --range day --interval 0.3; echo $? > {}'",
+        "sh -c '{} watch beta --server {url} --token {token} --range day --interval {interval}; echo $? > {}'",
         env!("CARGO_BIN_EXE_update-server"),
         exit_status_file(sock).display()
     );
@@ -130,9 +131,10 @@ async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("tmux.sock");
     let _tmux = TmuxServer(sock.clone());
-    start_watch(&sock, &s.url, &s.viewer);
-    let screen = wait_screen(&sock, "the rollout figures", |t| {
-        t.contains("21 / 40 updated")
+    // Polling only once an hour: every redraw below comes from the server's event stream.
+    start_watch(&sock, &s.url, &s.viewer, 3600.0);
+    let screen = wait_screen(&sock, "the rollout figures, live", |t| {
+        t.contains("21 / 40 updated") && t.contains("q: quit   (live)")
     })
     .await;
     assert!(
@@ -156,9 +158,13 @@ async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
         "{screen}"
     );
     assert!(screen.contains("error 3"), "{screen}");
+    assert!(
+        screen.contains("Reboots   no coordinator configured"),
+        "{screen}"
+    );
     assert!(screen.contains("release_promoted"), "{screen}");
 
-    // Paused through the API: the view redraws in place with the reason.
+    // Paused through the API: the view redraws in place with the reason (told by the stream).
     s.post(
         "/api/v1/rollouts/beta/pause",
         json!({"reason": "waiting for the kernel fix"}),
@@ -180,7 +186,7 @@ async fn watch_shows_the_rollout_live_and_quits_on_q_and_ctrl_c() {
     // A second tmux server (a fresh socket: the first may still be shutting down).
     let sock = dir.path().join("tmux2.sock");
     let _tmux2 = TmuxServer(sock.clone());
-    start_watch(&sock, &s.url, &s.viewer);
+    start_watch(&sock, &s.url, &s.viewer, 0.3);
     wait_screen(&sock, "the rollout figures", |t| {
         t.contains("21 / 40 updated")
     })
