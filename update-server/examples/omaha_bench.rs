@@ -4,6 +4,9 @@
 //! fixed Omaha response (no parsing, no database): the ceiling the real server is compared to.
 //! `omaha_bench bundle DIR VERSION`: writes DIR/release.keyring and DIR/VERSION.bundle, a small
 //! signed release bundle.
+//!
+//! It uses the server binary's allocator (mimalloc), so both sides of the comparison allocate
+//! the same way.
 
 use std::io::Cursor;
 
@@ -12,6 +15,10 @@ use axum::routing::post;
 use twinroot_format::bundle::{ReleaseInfo, write_bundle};
 use twinroot_format::keyring::{Keyring, generate_signing_key};
 use twinroot_format::omaha::{AppResponse, Response, UpdateCheckResponse, daystart_for};
+
+/// The same allocator as the server binary, so the comparison measures the handlers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
