@@ -138,16 +138,16 @@ impl Checkins {
 
     async fn submit(
         &self,
-        app: &AppRequest,
-        machine_id: &str,
+        app: AppRequest,
+        machine_id: String,
         codebase: &str,
         now: DateTime<Utc>,
     ) -> Result<Answer> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
-                app: app.clone(),
-                machine_id: machine_id.to_string(),
+                app,
+                machine_id,
                 codebase: codebase.to_string(),
                 now,
                 reply,
@@ -401,7 +401,7 @@ async fn record_until_stopped<D: BatchDb>(
 pub async fn handle(
     checkins: &Checkins,
     cfg: &OmahaConfig,
-    req: &Request,
+    req: Request,
     codebase: &str,
     now: DateTime<Utc>,
 ) -> Result<(Response, CheckinSummary)> {
@@ -412,7 +412,7 @@ pub async fn handle(
         apps: Vec::new(),
     };
     let mut summary = CheckinSummary::default();
-    for app in &req.apps {
+    for app in req.apps {
         let mut out = AppResponse::ok(&app.app_id);
         out.events = app.events.len() as u32;
         out.ping = app.ping.is_some();
@@ -432,6 +432,7 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
+        let machine_id = machine_id.to_string();
         let answer = checkins.submit(app, machine_id, codebase, now).await?;
         summary.merge(answer.summary);
         out.update_check = answer.update_check;

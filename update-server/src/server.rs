@@ -239,7 +239,7 @@ async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: B
         }
     };
     let base = codebase(&state, &headers);
-    match checkin::handle(&state.checkins, &state.omaha, &req, &base, state.now_utc()).await {
+    match checkin::handle(&state.checkins, &state.omaha, req, &base, state.now_utc()).await {
         Ok((resp, summary)) => {
             let c = &state.counters;
             c.grants
