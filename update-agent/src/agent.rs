@@ -63,6 +63,9 @@ pub struct AgentPolicy {
     pub strategy: RebootStrategy,
     pub windows: Vec<crate::config::MaintenanceWindow>,
     pub check_server_reachable: bool,
+    /// How long after the first post-boot check an unreachable update server keeps the new boot
+    /// pending (checks retried) instead of failing it: a server outage must not roll back a fleet.
+    pub server_reachable_grace: Duration,
 }
 
 impl AgentPolicy {
@@ -81,9 +84,13 @@ impl AgentPolicy {
             strategy: s.reboot.strategy,
             windows: s.reboot.windows.clone(),
             check_server_reachable: s.checks.server_reachable && s.server.url.is_some(),
+            server_reachable_grace: s.checks.server_reachable_grace,
         }
     }
 }
+
+/// Name of the built-in check that the update server answers.
+pub const SERVER_REACHABLE: &str = "server-reachable";
 
 /// What the post-boot step found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +105,13 @@ pub enum BootOutcome {
     RolledBack { version: String },
     /// An update is staged and waits for its reboot.
     StillStaged { version: String },
+    /// The new slot passed every check except that the update server is not reachable, and the
+    /// grace period has not run out: nothing is marked; call `after_boot` again in `retry_in`.
+    ChecksPending {
+        version: String,
+        reason: String,
+        retry_in: Duration,
+    },
 }
 
 /// What an update check found.
@@ -142,6 +156,8 @@ pub struct Agent {
     pub progress: Arc<AtomicU64>,
     /// The last post-boot report.
     pub last_report: Option<HealthReport>,
+    /// When this boot's checks first found only the update server unreachable.
+    unreachable_since: Option<jiff::Timestamp>,
     /// Called on every change of operation.
     pub observer: Option<Observer>,
 }
@@ -167,6 +183,7 @@ impl Agent {
             machine: Machine::default(),
             progress: Arc::new(AtomicU64::new(0)),
             last_report: None,
+            unreachable_since: None,
             observer: None,
         }
     }
@@ -336,6 +353,9 @@ impl Agent {
         tracing::info!(version = %version, healthy = report.healthy(), "post-boot checks done\n{}", report.summary());
         self.last_report = Some(report.clone());
 
+        if let Some(pending) = self.server_unreachable_grace(&report, &version) {
+            return Ok(pending);
+        }
         if report.healthy() {
             self.host
                 .slots
@@ -450,6 +470,43 @@ impl Agent {
         })
     }
 
+    /// `ChecksPending` while the only required failure is the server-reachable check and the
+    /// grace period (from the first such finding in this boot) has not run out.
+    fn server_unreachable_grace(
+        &mut self,
+        report: &HealthReport,
+        version: &str,
+    ) -> Option<BootOutcome> {
+        let failure = report.first_failure()?;
+        let only_server = report
+            .results
+            .iter()
+            .filter(|r| r.requirement == Requirement::Required && r.outcome != Outcome::Passed)
+            .all(|r| r.name == SERVER_REACHABLE);
+        if !only_server {
+            return None;
+        }
+        let now = self.host.clock.now();
+        let since = *self.unreachable_since.get_or_insert(now);
+        let elapsed = now
+            .duration_since(since)
+            .unsigned_abs()
+            .min(self.policy.server_reachable_grace);
+        let left = self.policy.server_reachable_grace - elapsed;
+        if left.is_zero() {
+            return None;
+        }
+        let reason = describe_failure(failure);
+        tracing::warn!(version = %version, reason = %reason, left_secs = left.as_secs(), "update server unreachable after boot; checks retried before the boot counts as failed");
+        Some(BootOutcome::ChecksPending {
+            version: version.to_string(),
+            reason,
+            retry_in: (self.policy.server_reachable_grace / 10)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30))
+                .min(left),
+        })
+    }
+
     fn run_checks(&mut self) -> HealthReport {
         let mut report = HealthReport::default();
         if self.policy.check_server_reachable
@@ -461,7 +518,7 @@ impl Agent {
                 Err(e) => Outcome::Failed(format!("update server not reachable: {e}")),
             };
             report.results.push(CheckResult {
-                name: "server-reachable".into(),
+                name: SERVER_REACHABLE.into(),
                 requirement: Requirement::Required,
                 outcome,
                 stdout: String::new(),

@@ -158,6 +158,7 @@ struct RawChecks {
     dir: Option<String>,
     timeout_secs: Option<i64>,
     server_reachable: Option<bool>,
+    server_reachable_grace_secs: Option<i64>,
     system_not_degraded: Option<bool>,
 }
 
@@ -236,6 +237,8 @@ pub struct CheckSettings {
     pub dir: PathBuf,
     pub timeout: Duration,
     pub server_reachable: bool,
+    /// How long an unreachable update server keeps a new boot pending before it counts as bad.
+    pub server_reachable_grace: Duration,
     pub system_not_degraded: bool,
 }
 
@@ -533,6 +536,11 @@ fn validate(raw: RawConfig, o: &Origins) -> Result<Settings, ConfigError> {
         dir: PathBuf::from(c.dir.as_deref().unwrap_or("/etc/twinroot/check")),
         timeout: o.secs("checks.timeout_secs", c.timeout_secs, 60)?,
         server_reachable: c.server_reachable.unwrap_or(true),
+        server_reachable_grace: o.secs(
+            "checks.server_reachable_grace_secs",
+            c.server_reachable_grace_secs,
+            300,
+        )?,
         system_not_degraded: c.system_not_degraded.unwrap_or(true),
     };
 

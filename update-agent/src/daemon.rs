@@ -212,7 +212,15 @@ fn core_loop(
         }));
     }
 
-    match agent.after_boot() {
+    let mut outcome = agent.after_boot();
+    // The update server is down: keep the new boot pending (unmarked) and check again, until it
+    // answers or the grace period runs out (`checks.server_reachable_grace_secs`).
+    while let Ok(BootOutcome::ChecksPending { retry_in, .. }) = &outcome {
+        publish(&status, &mut agent, &sig);
+        std::thread::sleep(*retry_in);
+        outcome = agent.after_boot();
+    }
+    match outcome {
         Ok(BootOutcome::MarkedBad { version, reason }) => {
             tracing::error!(version = %version, reason = %reason, "new boot failed its checks; rolling back");
             if let Err(e) = agent.reboot_if_due(true) {

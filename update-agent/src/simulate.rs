@@ -386,6 +386,8 @@ struct CountingLock {
     ctx: Arc<Ctx>,
     host: usize,
     held: bool,
+    /// Asked to release; not acknowledged yet.
+    releasing: bool,
 }
 
 impl RebootLock for CountingLock {
@@ -408,26 +410,19 @@ impl RebootLock for CountingLock {
     }
 
     fn steady_state(&mut self) -> AgentResult<()> {
-        let was = std::mem::take(&mut self.held);
-        if was {
+        // A host stops counting as a holder once it asks to release; a release that failed
+        // (e.g. the coordinator died after committing it) is retried without counting the host
+        // again, so the count is never above what the coordinator granted.
+        if std::mem::take(&mut self.held) {
             self.ctx.lock_holders.fetch_sub(1, Ordering::SeqCst);
+            self.releasing = true;
         }
-        match self.inner.steady_state() {
-            Ok(()) => {
-                if was {
-                    self.ctx
-                        .record(self.host, "lock_released", "", String::new());
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if was {
-                    self.held = true;
-                    bump_max(&self.ctx.lock_holders, &self.ctx.max_lock_holders);
-                }
-                Err(e)
-            }
+        let r = self.inner.steady_state();
+        if r.is_ok() && std::mem::take(&mut self.releasing) {
+            self.ctx
+                .record(self.host, "lock_released", "", String::new());
         }
+        r
     }
 }
 
@@ -537,6 +532,15 @@ fn host_spec(opts: &SimOptions, idx: usize) -> HostSpec {
 
 /// Runs one step of the agent on the blocking pool (the core is synchronous). `None` when the
 /// run stopped while the step waited for its turn (it is not run then).
+/// The daemon's post-boot step: judge the boot, and reboot back at once if it was bad.
+fn post_boot(a: &mut Agent) -> AgentResult<BootOutcome> {
+    let o = a.after_boot();
+    if let Ok(BootOutcome::MarkedBad { .. }) = &o {
+        let _ = a.reboot_if_due(true);
+    }
+    o
+}
+
 async fn step<T: Send + 'static>(
     ctx: &Ctx,
     mut agent: Agent,
@@ -606,6 +610,8 @@ fn new_agent(
         },
         windows: Vec::new(),
         check_server_reachable: true,
+        // Ten check intervals, at most the daemon's default of five minutes (simulated time).
+        server_reachable_grace: (ctx.opts.interval * 10).min(Duration::from_secs(300)),
     };
     Agent::new(
         host,
@@ -678,6 +684,7 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
             ctx: ctx.clone(),
             host: i,
             held: false,
+            releasing: false,
         }) as Box<dyn RebootLock>
     });
     let start_unix_ms = jiff::Timestamp::now().as_millisecond();
@@ -719,17 +726,20 @@ async fn run_host(ctx: Arc<Ctx>, spec: HostSpec) -> anyhow::Result<()> {
         boot += 1;
         let rebooted = Arc::new(AtomicBool::new(false));
         let agent = new_agent(&ctx, &spec, host, booted, &version, boot, rebooted.clone());
-        let Some((mut agent, outcome)) = step(&ctx, agent, |a| {
-            let o = a.after_boot();
-            if let Ok(BootOutcome::MarkedBad { .. }) = &o {
-                let _ = a.reboot_if_due(true);
-            }
-            o
-        })
-        .await
-        else {
+        let Some((mut agent, mut outcome)) = step(&ctx, agent, post_boot).await else {
             return Ok(());
         };
+        // The server was down at boot: the agent keeps the boot pending and checks again.
+        while let Ok(BootOutcome::ChecksPending { retry_in, .. }) = &outcome {
+            tokio::select! {
+                _ = tokio::time::sleep(opts.real(*retry_in)) => {}
+                _ = ctx.stop_notify.notified() => return Ok(()),
+            }
+            let Some(next) = step(&ctx, agent, post_boot).await else {
+                return Ok(());
+            };
+            (agent, outcome) = next;
+        }
         match &outcome {
             Ok(BootOutcome::MarkedGood { version: v }) => ctx.record(i, "good", v, String::new()),
             Ok(BootOutcome::MarkedBad { version: v, reason }) => {

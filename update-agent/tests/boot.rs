@@ -19,7 +19,7 @@ use update_agent::apply::InstallPolicy;
 use update_agent::config::RebootStrategy;
 use update_agent::host::{HostChecks, RealSources};
 use update_agent::net::{FleetLockClient, HttpOmaha, RebootLock, http_client};
-use update_agent::reboot::SystemClock;
+use update_agent::reboot::{Clock, SystemClock};
 use update_agent::sim::{self, RecordingRebooter};
 use update_agent::slots::{BootedSlot, GptSlotTable};
 use update_agent::state::{FileStateStore, StateStore};
@@ -152,6 +152,7 @@ impl World {
             strategy,
             windows: vec![],
             check_server_reachable: true,
+            server_reachable_grace: Duration::from_secs(300),
         };
         let identity = Identity {
             app_id: APP_ID.into(),
@@ -288,6 +289,121 @@ fn failed_required_hook_reverts_and_the_old_slot_reports_the_rollback() {
     }
     assert!(!slots(&w.disk)[1].attrs.is_bootable());
     assert_eq!(agent.reboot_if_due(false).unwrap(), RebootDecision::Nothing);
+}
+
+/// A clock the test moves by hand.
+#[derive(Clone)]
+struct HandClock(Arc<std::sync::Mutex<jiff::Timestamp>>);
+
+impl HandClock {
+    fn advance(&self, secs: i64) {
+        let mut t = self.0.lock().unwrap();
+        *t = t
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap();
+    }
+}
+
+impl Clock for HandClock {
+    fn now(&self) -> jiff::Timestamp {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// An Omaha URL on a loopback port nothing listens on.
+fn dead_omaha_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}/v1/update/")
+}
+
+impl World {
+    /// The agent on the freshly booted slot B (1.1.0) asking a server that is down, on a hand
+    /// clock.
+    fn new_boot_with_server_down(&self) -> (Agent, HandClock) {
+        assert_eq!(
+            self.stage_and_boot_new(RebootStrategy::Immediate),
+            SlotName::B
+        );
+        let mut agent = self.agent_of(
+            &dead_omaha_url(),
+            SlotName::B,
+            "1.1.0",
+            RebootStrategy::Immediate,
+        );
+        let clock = HandClock(Arc::new(std::sync::Mutex::new(jiff::Timestamp::now())));
+        agent.host.clock = Box::new(clock.clone());
+        (agent, clock)
+    }
+}
+
+fn assert_pending(outcome: BootOutcome) {
+    match outcome {
+        BootOutcome::ChecksPending {
+            version,
+            reason,
+            retry_in,
+        } => {
+            assert_eq!(version, "1.1.0");
+            assert!(reason.contains("not reachable"), "{reason}");
+            assert!(retry_in <= Duration::from_secs(30), "{retry_in:?}");
+        }
+        other => panic!("expected ChecksPending, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_server_outage_at_boot_keeps_the_new_slot_pending_and_it_is_marked_good_when_the_server_is_back()
+ {
+    let w = world(false);
+    let (mut agent, clock) = w.new_boot_with_server_down();
+    let before = slots(&w.disk);
+    assert_pending(agent.after_boot().unwrap());
+    clock.advance(200);
+    assert_pending(agent.after_boot().unwrap());
+    // Nothing was marked while pending, and no failure was reported.
+    assert_eq!(slots(&w.disk), before);
+    assert!(!w.server.omaha_events().contains(&(3, 0, Some(40))));
+
+    // The server is back within the grace period: the boot is judged good.
+    agent.host.omaha = Some(Box::new(HttpOmaha {
+        client: http_client(Duration::from_secs(10)).unwrap(),
+        rt: w.rt.handle().clone(),
+        url: w.server.url("/v1/update/"),
+    }));
+    assert_eq!(
+        agent.after_boot().unwrap(),
+        BootOutcome::MarkedGood {
+            version: "1.1.0".into()
+        }
+    );
+    let s = slots(&w.disk);
+    assert!(
+        s[1].attrs.successful && s[1].attrs.is_bootable(),
+        "{}",
+        s[1].attrs
+    );
+}
+
+#[test]
+fn a_server_still_unreachable_after_the_grace_period_fails_the_new_boot() {
+    let w = world(false);
+    let (mut agent, clock) = w.new_boot_with_server_down();
+    assert_pending(agent.after_boot().unwrap());
+    clock.advance(301);
+    match agent.after_boot().unwrap() {
+        BootOutcome::MarkedBad { version, reason } => {
+            assert_eq!(version, "1.1.0");
+            assert!(reason.contains("not reachable"), "{reason}");
+        }
+        other => panic!("expected MarkedBad, got {other:?}"),
+    }
+    let s = slots(&w.disk);
+    assert_eq!(s[1].attrs.priority, 0, "bad slot B must be unbootable");
+    assert!(s[0].attrs.is_bootable());
 }
 
 #[test]
