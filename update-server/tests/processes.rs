@@ -279,6 +279,35 @@ async fn postgres_several_servers_agree() {
         "{:#}",
         admin_get(&http, &b.url, &token, "/api/v1/instances").await
     );
+    // A quarantine lift recorded through one server reaches the host through the other.
+    admin_send(
+        &http,
+        &a.url,
+        &token,
+        Method::POST,
+        &format!("/api/v1/instances/{failed}/lift-quarantine"),
+        json!({"version": "2.0.0"}),
+    )
+    .await;
+    let r = omaha_post(
+        &http,
+        &b.url,
+        &ue_request(&failed, "1.0.0", "stable", vec![]),
+    )
+    .await;
+    assert_eq!(r.apps[0].lift_quarantine, ["2.0.0"]);
+    // A channel created through one server is in the promotion order of the other.
+    admin_send(
+        &http,
+        &b.url,
+        &token,
+        Method::POST,
+        "/api/v1/channels",
+        json!({"name": "canary", "after": "alpha"}),
+    )
+    .await;
+    let channels = admin_get(&http, &a.url, &token, "/api/v1/channels").await;
+    assert_eq!(channels[1]["name"], "canary", "{channels}");
     a.terminate();
     b.terminate();
 }
