@@ -133,11 +133,19 @@ pub type Shared = Arc<AppState>;
 
 /// Opens the store and keyring for a configuration.
 pub async fn open_state(config: ServerConfig) -> Result<Shared> {
-    let clock = ServerClock::new(config.time_scale)?;
+    crate::clock::validate_scale(config.time_scale)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     release::ensure_dirs(&config.data_dir)?;
     let store = Store::open(&config.database_url()).await?;
+    let mut start_ms = chrono::Utc::now().timestamp_millis();
+    if config.time_scale != 1.0 {
+        // A sped-up server resumes its virtual time where the database's records end, so its
+        // clock never runs backwards across a restart.
+        let latest = store.latest_record_time().await?.unwrap_or(0);
+        start_ms = start_ms.max(latest.saturating_add(1).saturating_mul(1000));
+    }
+    let clock = ServerClock::starting_at(start_ms, config.time_scale)?;
     let keyring = match &config.keyring {
         Some(p) => {
             Some(Keyring::load(p).with_context(|| format!("cannot load keyring {}", p.display()))?)

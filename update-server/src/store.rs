@@ -447,7 +447,10 @@ fn channel_from_row(r: &sqlx::any::AnyRow) -> Result<ChannelRow, sqlx::Error> {
 /// All channels in promotion order, through the pool or inside a transaction.
 async fn channels_on<'c, E: sqlx::Executor<'c, Database = Any>>(e: E) -> Result<Vec<ChannelRow>> {
     let rows = sqlx::query(sql::SELECT_CHANNELS).fetch_all(e).await?;
-    Ok(rows.iter().map(channel_from_row).collect::<Result<_, _>>()?)
+    Ok(rows
+        .iter()
+        .map(channel_from_row)
+        .collect::<Result<_, _>>()?)
 }
 
 /// The release a one-parameter query finds, through the pool or inside a transaction.
@@ -701,7 +704,12 @@ impl Store {
     }
 
     pub async fn release_by_sha256(&self, sha256: &str) -> Result<Option<ReleaseRow>> {
-        release_where(&self.pool, "SELECT * FROM releases WHERE sha256 = $1", sha256).await
+        release_where(
+            &self.pool,
+            "SELECT * FROM releases WHERE sha256 = $1",
+            sha256,
+        )
+        .await
     }
 
     pub async fn releases(&self) -> Result<Vec<ReleaseRow>> {
@@ -1188,6 +1196,16 @@ impl Store {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    /// The latest time (Unix seconds) written in host records, history or activity, if any.
+    pub async fn latest_record_time(&self) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MAX(t) AS t FROM (SELECT MAX(last_seen) AS t FROM instances UNION ALL SELECT MAX(at) AS t FROM status_history UNION ALL SELECT MAX(at) AS t FROM activity) AS times",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("t")?)
     }
 
     pub async fn activity(&self, limit: i64) -> Result<Vec<ActivityRow>> {

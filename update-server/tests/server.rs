@@ -1053,3 +1053,36 @@ async fn hosts_below_the_minimum_source_version_are_held() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_sped_up_clock_resumes_where_the_database_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |scale: f64| {
+        let mut c = update_server::server::ServerConfig::new(dir.path().join("data"));
+        c.time_scale = scale;
+        c
+    };
+    let future = chrono::Utc::now().timestamp() + 30 * 86_400;
+    {
+        let state = update_server::server::open_state(config(3600.0))
+            .await
+            .unwrap();
+        let mut tx = state.store.begin().await.unwrap();
+        update_server::store::Store::activity_in(&mut tx, future, "test", None, None, None, "x")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        state.checkins.close().await;
+    }
+    let state = update_server::server::open_state(config(3600.0))
+        .await
+        .unwrap();
+    assert!(state.now() > future, "{} <= {future}", state.now());
+    state.checkins.close().await;
+    // At real time the server keeps the wall clock.
+    let state = update_server::server::open_state(config(1.0))
+        .await
+        .unwrap();
+    assert!(state.now() < future);
+    state.checkins.close().await;
+}
