@@ -11,7 +11,10 @@
 //!   `failure` (outcomes for release `k`), `version` (net change of hosts on version `k`).
 //! - `dash_totals (channel, kind, k, value)`: all-time sums of the same counters, so the value of a
 //!   gauge at the end of bucket `b` is `total - (changes after b)`, read from the same range scan.
-//! - `dash_hosts (machine_id, channel, version, at)`: each host as the series last saw it.
+//! - `dash_hosts (machine_id, channel, version, at, failed)`: each host as the series last saw it;
+//!   `failed` is the release whose failure it last counted for the host, so a host that fails its
+//!   check (`error`) and then reports the rollback (`rolled_back`) counts once, as the automatic
+//!   halt counts it.
 //! - `dash_cursor (name, value)`: how far `status_history` (by id) and `instances` (by last_seen)
 //!   have been folded in.
 
@@ -62,8 +65,10 @@ CREATE INDEX activity_at ON activity (at)
 /// missing (`dash_cursor` row `schema` counts those applied), so the store's migration list needs
 /// no new entry. The instance list filters by status (e.g. every failed host) and sorts by
 /// machine id.
-const EXTRA_SCHEMA: [&str; 1] =
-    ["CREATE INDEX IF NOT EXISTS dash_instances_status ON instances (status, machine_id)"];
+const EXTRA_SCHEMA: [&str; 2] = [
+    "CREATE INDEX IF NOT EXISTS dash_instances_status ON instances (status, machine_id)",
+    "ALTER TABLE dash_hosts ADD COLUMN failed TEXT",
+];
 
 /// Bucket sizes kept, in seconds.
 pub const STEPS: [i64; 3] = [60, 3600, 86_400];
@@ -133,6 +138,8 @@ struct Fold {
     series: HashMap<Key, i64>,
     totals: HashMap<(String, &'static str, String), i64>,
     hosts: HashMap<String, (String, String, i64)>,
+    /// Per host: the release whose failure was last counted for it.
+    failed: HashMap<String, String>,
     changed_hosts: Vec<String>,
 }
 
@@ -155,6 +162,24 @@ impl Fold {
                 .totals
                 .entry((channel.to_string(), kind, k.to_string()))
                 .or_default() += v;
+        }
+    }
+
+    /// A host's outcome for release `version`: a failure counts once per host and release (an
+    /// `error` followed by its `rolled_back` is one failed host), a success clears that.
+    fn outcome(&mut self, at: i64, channel: &str, machine_id: &str, status: &str, version: &str) {
+        if FAILURE_STATUSES.contains(&status) {
+            if self.failed.get(machine_id).map(String::as_str) != Some(version) {
+                self.add(at, channel, "failure", version, 1);
+                self.failed
+                    .insert(machine_id.to_string(), version.to_string());
+                self.changed_hosts.push(machine_id.to_string());
+            }
+        } else if status == SUCCESS_STATUS {
+            self.add(at, channel, "success", version, 1);
+            if self.failed.remove(machine_id).is_some() {
+                self.changed_hosts.push(machine_id.to_string());
+            }
         }
     }
 
@@ -360,7 +385,7 @@ async fn fold_new(store: &Store, now: i64) -> Result<CaughtUp> {
     let mut ids: Vec<String> = events.iter().map(|e| e.machine_id.clone()).collect();
     ids.sort();
     ids.dedup();
-    load_hosts(store.backend, &mut tx, &ids, &mut fold.hosts).await?;
+    load_hosts(store.backend, &mut tx, &ids, &mut fold).await?;
     // A host new to the series counts from its first check-in, on the version of its earliest
     // history entry here (or its current one): check-ins without news write no history.
     let mut appear: HashMap<String, Seen> = HashMap::new();
@@ -389,11 +414,7 @@ async fn fold_new(store: &Store, now: i64) -> Result<CaughtUp> {
     for e in &events {
         if let Some((status, outcome_version)) = &e.status {
             fold.add(e.at, &e.channel, "status", status, 1);
-            if FAILURE_STATUSES.contains(&status.as_str()) {
-                fold.add(e.at, &e.channel, "failure", outcome_version, 1);
-            } else if status == SUCCESS_STATUS {
-                fold.add(e.at, &e.channel, "success", outcome_version, 1);
-            }
+            fold.outcome(e.at, &e.channel, &e.machine_id, status, outcome_version);
         }
         fold.host_seen(&e.machine_id, &e.channel, &e.version, e.at);
     }
@@ -419,26 +440,25 @@ async fn fold_new(store: &Store, now: i64) -> Result<CaughtUp> {
     })
 }
 
-async fn load_hosts(
-    backend: Backend,
-    tx: &mut Tx,
-    ids: &[String],
-    out: &mut HashMap<String, (String, String, i64)>,
-) -> Result<()> {
+async fn load_hosts(backend: Backend, tx: &mut Tx, ids: &[String], out: &mut Fold) -> Result<()> {
     for chunk in ids.chunks(500) {
         let p = (1..=chunk.len())
             .map(|i| ph(backend, i))
             .collect::<Vec<_>>()
             .join(",");
         let mut q = sqlx::query(AssertSqlSafe(format!(
-            "SELECT machine_id, channel, version, at FROM dash_hosts WHERE machine_id IN ({p})"
+            "SELECT machine_id, channel, version, at, failed FROM dash_hosts WHERE machine_id IN ({p})"
         )));
         for id in chunk {
             q = q.bind(id.clone());
         }
         for r in q.fetch_all(&mut **tx).await? {
-            out.insert(
-                r.try_get("machine_id")?,
+            let id: String = r.try_get("machine_id")?;
+            if let Some(v) = r.try_get::<Option<String>, _>("failed")? {
+                out.failed.insert(id.clone(), v);
+            }
+            out.hosts.insert(
+                id,
                 (
                     r.try_get("channel")?,
                     r.try_get("version")?,
@@ -490,13 +510,18 @@ async fn write_fold(backend: Backend, tx: &mut Tx, fold: &Fold) -> Result<()> {
     changed.dedup();
     for chunk in changed.chunks(200) {
         let sql = format!(
-            "INSERT INTO dash_hosts (machine_id, channel, version, at) VALUES {} ON CONFLICT (machine_id) DO UPDATE SET channel = excluded.channel, version = excluded.version, at = excluded.at",
-            values(backend, chunk.len(), 4)
+            "INSERT INTO dash_hosts (machine_id, channel, version, at, failed) VALUES {} ON CONFLICT (machine_id) DO UPDATE SET channel = excluded.channel, version = excluded.version, at = excluded.at, failed = excluded.failed",
+            values(backend, chunk.len(), 5)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for id in chunk {
             let (c, v, at) = &fold.hosts[id];
-            q = q.bind(id.clone()).bind(c.clone()).bind(v.clone()).bind(*at);
+            q = q
+                .bind(id.clone())
+                .bind(c.clone())
+                .bind(v.clone())
+                .bind(*at)
+                .bind(fold.failed.get(id).cloned());
         }
         q.execute(&mut **tx).await?;
     }

@@ -202,6 +202,24 @@ async fn check_known_history(s: &TestServer) {
     assert_eq!(beta["failures"], 2);
     assert_eq!(beta["successes"], 2);
     assert_eq!(beta["failure_percent"], 50.0);
+
+    // A host that failed its check and then reports its rollback is one failed host, as the
+    // automatic halt counts it: h3's rollback is folded in a later catch-up than its error, h6's
+    // error and rollback in the same one.
+    let rows = vec![
+        hist(now, "h3", "1.0.0", Some("2.0.0"), "rolled_back"),
+        hist(now, "h6", "1.0.0", Some("2.0.0"), "error"),
+        hist(now, "h6", "1.0.0", Some("2.0.0"), "rolled_back"),
+    ];
+    let mut tx = store.begin().await.unwrap();
+    store.insert_history_many(&mut tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+    let m = s.get("/api/v1/series/beta?range=30d").await;
+    let sum = |p: &[&str]| ints(&line(&m["series"], p)).iter().sum::<i64>();
+    assert_eq!(sum(&["statuses", "rolled_back"]), 3);
+    assert_eq!(sum(&["statuses", "error"]), 2);
+    assert_eq!(sum(&["failures"]), 3);
+    assert_eq!(sum(&["successes"]), 2);
 }
 
 #[tokio::test]
