@@ -183,6 +183,33 @@ impl UpdateServer {
             .map(drop)
     }
 
+    /// Polls the instance list (up to [`BOOT_TIMEOUT`]) until an instance satisfies `want` and
+    /// returns it; fails with `what`, the last list and the server log.
+    pub fn wait_for_instance(
+        &self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        poll_until(
+            BOOT_TIMEOUT,
+            what,
+            || {
+                let list = self.instances()?;
+                Ok(list
+                    .as_array()
+                    .and_then(|a| a.iter().find(|i| want(i)))
+                    .cloned())
+            },
+            || {
+                format!(
+                    "{:?}\nserver log:\n{}",
+                    self.instances().ok(),
+                    self.service.log_text()
+                )
+            },
+        )
+    }
+
     /// The server's instance list (JSON array).
     pub fn instances(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(
@@ -268,6 +295,13 @@ pub fn agent_image(
     });
     spec.files = files;
     lab.kit.image(&format!("v{version}"), &spec)
+}
+
+/// Whether a server instance (JSON) is Complete.
+pub fn is_complete(instance: &serde_json::Value) -> bool {
+    instance["status"]
+        .as_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("complete"))
 }
 
 /// `len` bytes that no compressor can shrink (xorshift64*, fixed seed: reproducible images).

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer, agent_image, incompressible, poll_until};
+use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer, agent_image, incompressible, is_complete};
 use twinroot_format::gpt::DiskLayout;
 use twinroot_format::slot::{SlotAttrs, SlotName};
 use twinroot_qemu::harness::{GOOD, Host, HostDisk, SigningSetup, guest_url};
@@ -105,25 +105,10 @@ fn power_cut_mid_write_boots_v1_and_the_update_completes_after_restart() -> Resu
     // The host is found by its version, not as the only instance: when the cut comes within
     // ext4's commit interval of the first boot, /state/machine-id (written by rc.boot without a
     // sync) is lost with the power and the host checks in under a new machine id.
-    let instance = poll_until(
-        BOOT_TIMEOUT,
-        "server never showed the host Complete on 2.0.0",
-        || {
-            let list = server.instances()?;
-            Ok(list
-                .as_array()
-                .and_then(|a| {
-                    a.iter().find(|i| {
-                        i["version"] == "2.0.0"
-                            && i["status"]
-                                .as_str()
-                                .is_some_and(|s| s.eq_ignore_ascii_case("complete"))
-                    })
-                })
-                .cloned())
-        },
-        || format!("{:?}", server.instances().ok()),
-    )?;
+    let instance = server
+        .wait_for_instance("server never showed the host Complete on 2.0.0", |i| {
+            i["version"] == "2.0.0" && is_complete(i)
+        })?;
     eprintln!(
         "after the restart: v2 booted in {:.1} s, Complete in {:.1} s; instance {instance}",
         on_v2.as_secs_f64(),

@@ -6,9 +6,9 @@
 //!
 //! Needs the `update-agent` and `update-server` binaries of the same profile.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use twinroot_e2e::{BOOT_TIMEOUT, Lab, UpdateServer, agent_image};
 use twinroot_format::slot::SlotAttrs;
 use twinroot_qemu::harness::{Host, SigningSetup, guest_url};
@@ -46,20 +46,10 @@ fn broken_release_panics_and_the_host_comes_back_on_its_own() -> Result<()> {
     // offering it to this host, and the agent has quarantined it anyway).
     host.wait_for("update check outcome=", BOOT_TIMEOUT)?;
 
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let instance = loop {
-        let list = server.instances()?;
-        let first = list.as_array().and_then(|a| a.first()).cloned();
-        if let Some(i) = first
-            && i["error_code"].as_i64() == Some(44)
-        {
-            break i;
-        }
-        if Instant::now() >= deadline {
-            bail!("server never recorded the rollback (error code 44): {list}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let instance = server
+        .wait_for_instance("server never recorded the rollback (error code 44)", |i| {
+            i["error_code"].as_i64() == Some(44)
+        })?;
     eprintln!(
         "v4 panicked, back on v1 after {:.1} s; server instance: {instance}",
         back.as_secs_f64()
@@ -107,21 +97,9 @@ fn release_failing_its_health_check_is_reverted_and_reported() -> Result<()> {
     host.wait_for("twinroot: booted version 1.0.0 slot a", BOOT_TIMEOUT)?;
     host.wait_for("update check outcome=", BOOT_TIMEOUT)?;
 
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let instance = loop {
-        let list = server.instances()?;
-        let first = list.as_array().and_then(|a| a.first()).cloned();
-        if let Some(i) = first
-            && i["failed_version"] == "3.0.0"
-            && i["version"] == "1.0.0"
-        {
-            break i;
-        }
-        if Instant::now() >= deadline {
-            bail!("server never recorded the failed 3.0.0: {list}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let instance = server.wait_for_instance("server never recorded the failed 3.0.0", |i| {
+        i["failed_version"] == "3.0.0" && i["version"] == "1.0.0"
+    })?;
     eprintln!("v3 failed its check and was reverted; server instance: {instance}");
     assert_ne!(instance["status"], "complete");
     assert_eq!(

@@ -7,10 +7,10 @@
 //! Needs the `update-agent`, `update-server` and `reboot-coordinator` binaries of the same profile
 //! (`scripts/test` builds all binaries first).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
-use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer, agent_image};
+use twinroot_e2e::{BOOT_TIMEOUT, Coordinator, Lab, UpdateServer, agent_image, is_complete};
 use twinroot_qemu::harness::{Host, HostDisk, SigningSetup, guest_url};
 use twinroot_qemu::rootfs::AgentImageConfig;
 
@@ -36,27 +36,9 @@ fn update_v1_to_v2(
     let rebooted = started.elapsed();
 
     // The server sees the host Complete on 2.0.0 once the agent reported its good boot.
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        let list = server.instances()?;
-        let complete = list.as_array().and_then(|a| a.first()).is_some_and(|i| {
-            i["version"] == "2.0.0"
-                && i["channel"] == agent.track.as_str()
-                && i["status"]
-                    .as_str()
-                    .is_some_and(|s| s.eq_ignore_ascii_case("complete"))
-        });
-        if complete {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "server never showed the host Complete on 2.0.0: {list}\nserver log:\n{}",
-                server.service.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    server.wait_for_instance("server never showed the host Complete on 2.0.0", |i| {
+        i["version"] == "2.0.0" && i["channel"] == agent.track.as_str() && is_complete(i)
+    })?;
     eprintln!(
         "v1 -> v2 through the server: booted v2 after {:.1} s, Complete after {:.1} s",
         rebooted.as_secs_f64(),
