@@ -708,27 +708,7 @@ impl Batch {
             .current
             .get(&job.machine_id)
             .cloned()
-            .unwrap_or_else(|| InstanceRow {
-                machine_id: job.machine_id.clone(),
-                app_id: app.app_id.clone(),
-                channel: channel.clone(),
-                group: group.clone(),
-                rollout_group: rollout_group.clone(),
-                version: None,
-                board: None,
-                boot_id: None,
-                status: "idle".to_string(),
-                error_code: None,
-                target_version: None,
-                granted_at: None,
-                outcome: None,
-                outcome_version: None,
-                outcome_at: None,
-                failed_version: None,
-                first_seen: ts,
-                last_seen: ts,
-                checkins: 0,
-            });
+            .unwrap_or_else(|| InstanceRow::new(&job.machine_id, &app.app_id, &channel, ts));
         inst.app_id = app.app_id.clone();
         inst.channel = channel.clone();
         inst.group = group.clone();

@@ -341,23 +341,7 @@ async fn channel_activity(
     .bind(limit)
     .fetch_all(&store.pool)
     .await?;
-    activity_rows(&rows)
-}
-
-fn activity_rows(rows: &[sqlx::any::AnyRow]) -> Result<Vec<crate::store::ActivityRow>> {
-    rows.iter()
-        .map(|r| {
-            Ok(crate::store::ActivityRow {
-                id: r.try_get("id")?,
-                at: r.try_get("at")?,
-                kind: r.try_get("kind")?,
-                channel: r.try_get("channel")?,
-                group: r.try_get("grp")?,
-                version: r.try_get("version")?,
-                message: r.try_get("message")?,
-            })
-        })
-        .collect()
+    crate::store::activity_rows(&rows)
 }
 
 // ---- fleet overview ----------------------------------------------------------------------------
@@ -594,7 +578,7 @@ async fn release_view(State(s): State<Shared>, Path(version): Path<String>) -> A
     .fetch_all(&s.store.pool)
     .await
     .or_500()?;
-    let activity = activity_rows(&activity).or_500()?;
+    let activity = crate::store::activity_rows(&activity).or_500()?;
     let hosts: BTreeMap<String, i64> = series::hosts_per_version(&s.store)
         .await
         .or_500()?

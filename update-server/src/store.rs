@@ -291,6 +291,33 @@ pub struct InstanceRow {
     pub checkins: i64,
 }
 
+impl InstanceRow {
+    /// A host first seen at `at` on `channel`: idle, no version, no outcome, no check-in yet.
+    pub fn new(machine_id: &str, app_id: &str, channel: &str, at: i64) -> InstanceRow {
+        InstanceRow {
+            machine_id: machine_id.to_string(),
+            app_id: app_id.to_string(),
+            channel: channel.to_string(),
+            group: String::new(),
+            rollout_group: String::new(),
+            version: None,
+            board: None,
+            boot_id: None,
+            status: "idle".to_string(),
+            error_code: None,
+            target_version: None,
+            granted_at: None,
+            outcome: None,
+            outcome_version: None,
+            outcome_at: None,
+            failed_version: None,
+            first_seen: at,
+            last_seen: at,
+            checkins: 0,
+        }
+    }
+}
+
 /// An operator's lift of a host's quarantine of one release.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LiftRow {
@@ -1213,19 +1240,7 @@ impl Store {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ActivityRow {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    kind: r.try_get("kind")?,
-                    channel: r.try_get("channel")?,
-                    group: r.try_get("grp")?,
-                    version: r.try_get("version")?,
-                    message: r.try_get("message")?,
-                })
-            })
-            .collect()
+        activity_rows(&rows)
     }
 
     // ---- metrics ------------------------------------------------------------------------------
@@ -1296,4 +1311,21 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Activity rows (`SELECT * FROM activity ...`) as [`ActivityRow`]s.
+pub fn activity_rows(rows: &[sqlx::any::AnyRow]) -> Result<Vec<ActivityRow>> {
+    rows.iter()
+        .map(|r| {
+            Ok(ActivityRow {
+                id: r.try_get("id")?,
+                at: r.try_get("at")?,
+                kind: r.try_get("kind")?,
+                channel: r.try_get("channel")?,
+                group: r.try_get("grp")?,
+                version: r.try_get("version")?,
+                message: r.try_get("message")?,
+            })
+        })
+        .collect()
 }

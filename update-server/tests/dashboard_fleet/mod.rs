@@ -88,27 +88,16 @@ pub async fn seed(store: &Store, spec: &FleetSpec) -> FleetFigures {
     for i in 0..spec.hosts {
         let m = machine_id(i);
         let first_seen = spec.start + (i as i64 % 3600);
-        let mut inst = InstanceRow {
-            machine_id: m.clone(),
-            app_id: "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}".to_string(),
-            channel: spec.channel.clone(),
-            group: String::new(),
-            rollout_group: String::new(),
-            version: Some(spec.old.clone()),
-            board: Some("amd64-usr".to_string()),
-            boot_id: None,
-            status: "idle".to_string(),
-            error_code: None,
-            target_version: None,
-            granted_at: None,
-            outcome: None,
-            outcome_version: None,
-            outcome_at: None,
-            failed_version: None,
+        let mut inst = InstanceRow::new(
+            &m,
+            "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}",
+            &spec.channel,
             first_seen,
-            last_seen: spec.now - 60 - (i as i64 % 600),
-            checkins: 1,
-        };
+        );
+        inst.version = Some(spec.old.clone());
+        inst.board = Some("amd64-usr".to_string());
+        inst.last_seen = spec.now - 60 - (i as i64 % 600);
+        inst.checkins = 1;
         let tg = spec.start + spec.grant_after + i as i64 * spec.grant_every;
         if i < spec.granted && tg + 1800 < spec.now {
             figures.granted += 1;
