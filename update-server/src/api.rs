@@ -708,10 +708,13 @@ async fn lift_quarantine(
             ),
         ));
     };
+    // Strictly after the host's last outcome, so a failure recorded in the same millisecond
+    // as the lift (or later) is told apart from the one the lift forgives.
+    let lifted_at_ms = now_ms.max(host.outcome_at.map_or(i64::MIN, |t| t + 1));
     let lift = LiftRow {
         machine_id: machine_id.clone(),
         version: version.clone(),
-        lifted_at_ms: now_ms,
+        lifted_at_ms,
         expires_at: now + LIFT_QUARANTINE_SECS,
     };
     Store::lift_quarantine(&mut tx, &lift).await.or_500()?;

@@ -744,7 +744,7 @@ impl Batch {
             }
             self.history.push(history(&inst, Some(ev)));
         }
-        let lift_quarantine = self.apply_lifts(&mut inst, ts);
+        let lift_quarantine = self.apply_lifts(&mut inst, &failure_versions, ts);
         self.current.insert(inst.machine_id.clone(), inst.clone());
 
         // Automatic halt, judged right when a failure arrives.
@@ -801,14 +801,25 @@ impl Batch {
     /// reports running the version, failed it again after the lift, or the lift expired. A lift
     /// still running clears the host's quarantine of its version (again: on PostgreSQL the
     /// operator's own clearing may have crossed this batch's read of the host).
-    fn apply_lifts(&mut self, inst: &mut InstanceRow, now: i64) -> Vec<String> {
+    ///
+    /// `failed_now` are the versions this very request reported failing: the lift was read
+    /// before the request, so they are failures after it whatever their timestamps. A failure
+    /// from an earlier request counts when it is at or after the lift's time (the lift is
+    /// stamped after the host's last outcome).
+    fn apply_lifts(
+        &mut self,
+        inst: &mut InstanceRow,
+        failed_now: &[String],
+        now: i64,
+    ) -> Vec<String> {
         let Some(lifts) = self.lifts.get_mut(&inst.machine_id) else {
             return Vec::new();
         };
         let mut sent = Vec::new();
         lifts.retain(|l| {
-            let failed_again = inst.failed_version.as_deref() == Some(l.version.as_str())
-                && inst.outcome_at.is_some_and(|t| t > l.lifted_at_ms);
+            let failed_again = failed_now.contains(&l.version)
+                || (inst.failed_version.as_deref() == Some(l.version.as_str())
+                    && inst.outcome_at.is_some_and(|t| t >= l.lifted_at_ms));
             let done = l.expires_at <= now
                 || inst.version.as_deref() == Some(l.version.as_str())
                 || failed_again;
