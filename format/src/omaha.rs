@@ -14,6 +14,7 @@
 //! twinroot attribute `group` on `<app>`; hosts that cannot send it (a stock update_engine) can use
 //! `cohortname` instead. [`AppRequest::group_name`] applies that precedence.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use quick_xml::XmlVersion;
@@ -744,18 +745,50 @@ fn to_u32(v: i64, element: &'static str, attribute: &'static str) -> Result<u32,
     })
 }
 
+/// Element names the parsers match on. A path holds these, and [`OTHER_ELEMENT`] for any other
+/// name, so walking needs no allocation per element.
+const KNOWN_ELEMENTS: &[&str] = &[
+    "request",
+    "response",
+    "os",
+    "app",
+    "ping",
+    "updatecheck",
+    "event",
+    "daystart",
+    "urls",
+    "url",
+    "manifest",
+    "packages",
+    "package",
+    "actions",
+    "action",
+];
+
+/// Stands for an element name not in [`KNOWN_ELEMENTS`] in a path.
+const OTHER_ELEMENT: &str = "*";
+
+fn interned(name: &str) -> &'static str {
+    KNOWN_ELEMENTS
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or(OTHER_ELEMENT)
+}
+
 /// Walks the element tree, calling `visit(path of ancestors, element name, element)` for every
-/// start or empty element. The root element must be `root`.
+/// start or empty element. The root element must be `root`. Ancestors whose names the parsers
+/// do not know appear as [`OTHER_ELEMENT`].
 fn walk<F>(xml: &[u8], root: &'static str, mut visit: F) -> Result<(), OmahaError>
 where
-    F: FnMut(&[&str], &str, &BytesStart<'_>) -> Result<(), OmahaError>,
+    F: FnMut(&[&'static str], &str, &BytesStart<'_>) -> Result<(), OmahaError>,
 {
     let text = std::str::from_utf8(xml).map_err(|e| OmahaError::Xml {
         position: e.valid_up_to() as u64,
         message: "not UTF-8".to_string(),
     })?;
     let mut reader = Reader::from_str(text);
-    let mut stack: Vec<String> = Vec::new();
+    let mut stack: Vec<&'static str> = Vec::with_capacity(8);
     let mut seen_root = false;
     loop {
         let position = reader.buffer_position();
@@ -766,7 +799,8 @@ where
         match event {
             XmlEvent::Start(ref el) | XmlEvent::Empty(ref el) => {
                 let is_empty = matches!(event, XmlEvent::Empty(_));
-                let name = el.local_name().as_ref().to_string();
+                let local = el.local_name();
+                let name = local.into_inner();
                 if stack.is_empty() {
                     if seen_root {
                         return Err(OmahaError::Xml {
@@ -776,19 +810,18 @@ where
                     }
                     if name != root {
                         return Err(OmahaError::WrongRoot {
-                            found: name,
+                            found: name.to_string(),
                             expected: root,
                         });
                     }
                     seen_root = true;
                 }
-                let path: Vec<&str> = stack.iter().map(String::as_str).collect();
-                visit(&path, &name, el)?;
+                visit(&stack, name, el)?;
                 if !is_empty {
                     if stack.len() == MAX_DEPTH {
                         return Err(OmahaError::TooDeep);
                     }
-                    stack.push(name);
+                    stack.push(interned(name));
                 }
             }
             XmlEvent::End(_) => {
@@ -808,35 +841,41 @@ where
     if !seen_root {
         return Err(OmahaError::Empty { expected: root });
     }
-    if !stack.is_empty() {
+    if let Some(open) = stack.last() {
+        let what = if *open == OTHER_ELEMENT {
+            "an element".to_string()
+        } else {
+            format!("<{open}>")
+        };
         return Err(OmahaError::Xml {
             position: reader.buffer_position(),
-            message: format!("<{}> is not closed", stack.last().expect("non-empty")),
+            message: format!("{what} is not closed"),
         });
     }
     Ok(())
 }
 
-struct Attrs {
+/// An element's attributes, borrowed from the document (a value is copied only when entities
+/// or whitespace had to be normalized).
+struct Attrs<'e> {
     element: &'static str,
-    pairs: Vec<(String, String)>,
+    pairs: Vec<(&'e str, Cow<'e, str>)>,
 }
 
-fn attrs(el: &BytesStart<'_>, element: &'static str) -> Result<Attrs, OmahaError> {
-    let mut pairs = Vec::new();
+fn attrs<'e>(el: &'e BytesStart<'_>, element: &'static str) -> Result<Attrs<'e>, OmahaError> {
+    let mut pairs = Vec::with_capacity(24);
     for a in el.attributes() {
         let a = a.map_err(|e| OmahaError::Xml {
             position: 0,
             message: format!("<{element}>: {e}"),
         })?;
-        let key = a.key.local_name().as_ref().to_string();
+        let key = a.key.local_name().into_inner();
         let value = a
             .normalized_value(XmlVersion::Implicit1_0)
             .map_err(|e| OmahaError::Xml {
                 position: 0,
                 message: format!("<{element} {key}>: {e}"),
-            })?
-            .into_owned();
+            })?;
         pairs.push((key, value));
     }
     Ok(Attrs { element, pairs })
@@ -865,7 +904,7 @@ fn room_for_app(apps: usize) -> Result<(), OmahaError> {
     Ok(())
 }
 
-impl Attrs {
+impl Attrs<'_> {
     /// The root element's `protocol` (3.0 when missing); other major versions are refused.
     fn protocol(&self) -> Result<String, OmahaError> {
         let protocol = self.get("protocol").unwrap_or(PROTOCOL_VERSION).to_string();
@@ -878,8 +917,8 @@ impl Attrs {
     fn get(&self, key: &str) -> Option<&str> {
         self.pairs
             .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_ref())
     }
 
     fn string(&self, key: &str) -> Option<String> {
