@@ -7,13 +7,19 @@
 //! which opened the database first. Every other part of the server keeps using the store's
 //! pool; both connections take SQLite's write lock at `BEGIN IMMEDIATE`, so neither sees the
 //! other's half-done work, and an answer leaves only after `COMMIT`.
+//!
+//! One server process owns a SQLite database: the writer holds an exclusive lock on
+//! `<database>.serve-lock` while it runs, so a second `update-server serve` on the same file
+//! stops with an error instead of serving beside it (the configuration the writer keeps in
+//! memory between batches is only valid while no other process changes the file).
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::checkin::{BatchDb, BatchWrites, CountKey};
@@ -28,10 +34,33 @@ pub(crate) struct SqliteBatch {
     open: bool,
     generation: Arc<AtomicU64>,
     upsert_instance: String,
+    /// Held (locked) while this writer owns the database.
+    _owner: File,
 }
 
 impl SqliteBatch {
     pub(crate) fn open(path: &Path, generation: Arc<AtomicU64>) -> Result<SqliteBatch> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".serve-lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let owner = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open lock file {}", lock_path.display()))?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "database {} is in use by another update-server serving it (lock {} is held); \
+                 stop that server, or point several servers at one PostgreSQL database instead",
+                path.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()));
+            }
+        }
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -45,6 +74,7 @@ impl SqliteBatch {
             open: false,
             generation,
             upsert_instance: upsert_instances_sql(1, |i| format!("?{i}")),
+            _owner: owner,
         })
     }
 

@@ -98,6 +98,16 @@ async fn restart_keeps_all_state() {
     )
     .await;
     let before = snapshot(&http, &p.url, &token).await;
+
+    // A second server on the same SQLite database refuses to start, and the first one keeps
+    // serving, unchanged.
+    let (code, err) = serve_until_exit(&data);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("in use by another update-server") && err.contains("server.db"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&http, &p.url, &token).await, before);
     p.terminate();
 
     let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
@@ -325,6 +335,31 @@ fn run_cli(url: &str, token: &str, args: &[&str]) -> (bool, String, String) {
         out.status.success(),
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Runs `update-server serve` on `data` and waits (at most 30 s) for it to exit: its exit code
+/// and stderr. A server that keeps running is killed and the test fails.
+fn serve_until_exit(data: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env_remove("TWINROOT_DATABASE_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a second update-server on {} kept running", data.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
