@@ -586,12 +586,31 @@ fn local(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn revoked_tokens_are_refused() {
+    revoked_tokens_are_refused_on(None).await;
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_refused_on_postgres() {
+    let pg = Postgres::start().await;
+    revoked_tokens_are_refused_on(Some(&pg.url)).await;
+}
+
+async fn revoked_tokens_are_refused_on(database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let d = data.to_str().unwrap().to_string();
-    let admin = create_token(&data, None, "admin");
-    let viewer = create_token(&data, None, "viewer");
-    let mut p = ServerProcess::spawn(&data, None, None);
+    let admin = create_token(&data, database, "admin");
+    let viewer = create_token(&data, database, "viewer");
+    // `token list|revoke` run offline against the same database as the server.
+    let local = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--data-dir", d.as_str()]);
+        if let Some(url) = database {
+            all.extend(["--database", url]);
+        }
+        local(&all)
+    };
+    let mut p = ServerProcess::spawn(&data, database, None);
     p.wait_ready().await;
     let http = update_server::http_client();
     let (status, _) = api_call(
@@ -605,7 +624,7 @@ async fn revoked_tokens_are_refused() {
     .await;
     assert_eq!(status, 200);
 
-    let (ok, listed, err) = local(&["token", "list", "--data-dir", &d, "--json"]);
+    let (ok, listed, err) = local(&["token", "list", "--json"]);
     assert!(ok, "{err}");
     let tokens: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(tokens.as_array().unwrap().len(), 2);
@@ -617,7 +636,7 @@ async fn revoked_tokens_are_refused() {
     assert_eq!(tokens[1]["role"], "viewer");
     assert!(tokens[1]["revoked_at"].is_null());
 
-    let (ok, out, err) = local(&["token", "revoke", "--data-dir", &d, &viewer_id]);
+    let (ok, out, err) = local(&["token", "revoke", &viewer_id]);
     assert!(ok, "{err}");
     assert!(out.contains("revoked"), "{out}");
     // The running server refuses it from now on; the admin token still works.
@@ -643,14 +662,14 @@ async fn revoked_tokens_are_refused() {
     .await;
     assert_eq!(status, 200);
 
-    let (ok, table, _) = local(&["token", "list", "--data-dir", &d]);
+    let (ok, table, _) = local(&["token", "list"]);
     assert!(ok);
     let viewer_line = table.lines().find(|l| l.contains("viewer")).unwrap();
     assert!(!viewer_line.trim_end().ends_with('-'), "{table}");
     // Revoking again says so; an unknown id is an error naming it.
-    let (ok, out, _) = local(&["token", "revoke", "--data-dir", &d, &viewer_id]);
+    let (ok, out, _) = local(&["token", "revoke", &viewer_id]);
     assert!(ok && out.contains("already revoked"), "{out}");
-    let (ok, _, err) = local(&["token", "revoke", "--data-dir", &d, "999"]);
+    let (ok, _, err) = local(&["token", "revoke", "999"]);
     assert!(!ok && err.contains("token 999 does not exist"), "{err}");
     p.terminate();
 }

@@ -1059,10 +1059,21 @@ async fn hosts_below_the_minimum_source_version_are_held() {
 
 #[tokio::test]
 async fn a_sped_up_clock_resumes_where_the_database_ends() {
+    clock_resumes_where_the_database_ends(None).await;
+}
+
+#[tokio::test]
+async fn a_sped_up_clock_resumes_where_the_database_ends_on_postgres() {
+    let pg = common::postgres::Postgres::start().await;
+    clock_resumes_where_the_database_ends(Some(&pg.url)).await;
+}
+
+async fn clock_resumes_where_the_database_ends(database: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let config = |scale: f64| {
         let mut c = update_server::server::ServerConfig::new(dir.path().join("data"));
         c.time_scale = scale;
+        c.database_url = database.map(str::to_string);
         c
     };
     let future = chrono::Utc::now().timestamp() + 30 * 86_400;
