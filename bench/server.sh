@@ -43,19 +43,25 @@ function request()
 end
 LUA
 
-run_wrk() { # URL -> "rps p50 p99"
+# CPU time of a process so far, in clock ticks (user + system, all threads).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run_wrk() { # URL [PID] -> "rps p50 p99 non2xx cpu_us_per_request"
+  local c0=0 c1=0
+  [ -n "${2:-}" ] && c0=$(cpu_ticks "$2")
   wrk -t2 -c"$conns" -d"${seconds}s" --latency -s "$work/checkin.lua" "$1" > "$work/wrk.out"
-  local rps p50 p99 errs
+  [ -n "${2:-}" ] && c1=$(cpu_ticks "$2")
+  local rps p50 p99 errs reqs
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.out")
   p50=$(awk '$1=="50%" {print $2}' "$work/wrk.out")
   p99=$(awk '$1=="99%" {print $2}' "$work/wrk.out")
   errs=$(awk '/Non-2xx/ {print $4}' "$work/wrk.out")
-  echo "$rps $p50 $p99 ${errs:-0}"
+  reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+  echo "$rps $p50 $p99 ${errs:-0} $(python3 -c "print(f'{($c1 - $c0) * 1e6 / $(getconf CLK_TCK) / $reqs:.1f}')")"
 }
 
 # Baseline: fixed response.
 bport=$(free_port)
-"$fixture" baseline "127.0.0.1:$bport" & pids+=($!)
+"$fixture" baseline "127.0.0.1:$bport" & bpid=$!; pids+=($bpid)
 wait_http "http://127.0.0.1:$bport/v1/update/"
 
 # The server: a release on stable at a 5% staged rollout with an automatic-halt rule, so each
@@ -75,13 +81,13 @@ export TWINROOT_SERVER="http://127.0.0.1:$sport" TWINROOT_TOKEN="$token"
 seconds_saved=$seconds; seconds=3; run_wrk "http://127.0.0.1:$sport" >/dev/null; seconds=$seconds_saved
 : > "$work/rounds"
 for _ in $(seq 1 "$rounds"); do
-  read -r b_rps b_p50 b_p99 b_err < <(run_wrk "http://127.0.0.1:$bport")
-  read -r s_rps s_p50 s_p99 s_err < <(run_wrk "http://127.0.0.1:$sport")
-  echo "$(python3 -c "print(f'{$s_rps/$b_rps:.2f}')") $b_rps $b_p50 $b_p99 $b_err $s_rps $s_p50 $s_p99 $s_err" >> "$work/rounds"
+  read -r b_rps b_p50 b_p99 b_err b_cpu < <(run_wrk "http://127.0.0.1:$bport" "$bpid")
+  read -r s_rps s_p50 s_p99 s_err s_cpu < <(run_wrk "http://127.0.0.1:$sport" "$spid")
+  echo "$(python3 -c "print(f'{$s_rps/$b_rps:.2f}')") $b_rps $b_p50 $b_p99 $b_err $b_cpu $s_rps $s_p50 $s_p99 $s_err $s_cpu" >> "$work/rounds"
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 all_ratios=$(cut -d' ' -f1 "$work/rounds" | paste -sd' ' | sed 's/ /x, /g')x
-read -r ratio b_rps b_p50 b_p99 b_err s_rps s_p50 s_p99 s_err < <(sort -n "$work/rounds" | sed -n "$(( (rounds + 1) / 2 ))p")
+read -r ratio b_rps b_p50 b_p99 b_err b_cpu s_rps s_p50 s_p99 s_err s_cpu < <(sort -n "$work/rounds" | sed -n "$(( (rounds + 1) / 2 ))p")
 hosts_seen=$("$server" instances --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 granted=$("$server" instances --json | python3 -c 'import json,sys; print(sum(1 for i in json.load(sys.stdin) if i["status"]=="granted"))')
 kill -TERM "$spid"; wait "$spid" 2>/dev/null || true
@@ -89,10 +95,10 @@ db_bytes=$(du -cb "$data"/server.db* | tail -1 | cut -f1)
 per_1000=$(python3 -c "print(f'{$db_bytes/$hosts_seen*1000/1024:.0f}')")
 
 table="$(cat <<MD
-| what | requests/s | p50 | p99 | non-2xx |
-| --- | --- | --- | --- | --- |
-| minimal axum handler, fixed Omaha response (baseline) | $b_rps | $b_p50 | $b_p99 | $b_err |
-| update-server \`POST /v1/update/\`, SQLite, 10,000 machine ids | $s_rps | $s_p50 | $s_p99 | $s_err |
+| what | requests/s | p50 | p99 | non-2xx | server CPU per request |
+| --- | --- | --- | --- | --- | --- |
+| minimal axum handler, fixed Omaha response (baseline) | $b_rps | $b_p50 | $b_p99 | $b_err | $b_cpu us |
+| update-server \`POST /v1/update/\`, SQLite, 10,000 machine ids | $s_rps | $s_p50 | $s_p99 | $s_err | $s_cpu us |
 
 Ratio update-server / baseline: **${ratio}x** (median of $rounds rounds: $all_ratios; target >= 0.5x).
 Load average (1, 5, 15 min) before: $load_before, after: $load_after. Hosts in the database after the run:
