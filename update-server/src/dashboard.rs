@@ -29,7 +29,7 @@ use crate::store::{Store, TokenRole};
 mod live;
 mod slots;
 
-pub use live::{Marks, end_streams_on, read_marks};
+pub use live::{LiveFeed, Marks, end_streams_on, read_marks};
 pub use slots::{RebootSlots, reboot_slots};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");

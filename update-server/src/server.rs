@@ -110,6 +110,8 @@ pub struct AppState {
     pub clock: ServerClock,
     /// Base URL of the FleetLock reboot coordinator (`serve --coordinator`).
     pub coordinator: Option<reqwest::Url>,
+    /// The dashboard's live-update feed.
+    pub live: crate::dashboard::LiveFeed,
 }
 
 impl AppState {
@@ -164,6 +166,7 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
         keyring,
         counters: Counters::default(),
         clock,
+        live: Default::default(),
     }))
 }
 

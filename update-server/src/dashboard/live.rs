@@ -66,38 +66,29 @@ pub async fn read_marks(state: &AppState) -> Result<Marks> {
     })
 }
 
-/// A server's feed: its state (weak: the feed does not keep a stopped server alive), the marks
-/// channel, and the token that ends its streams.
-struct Feed {
-    state: Weak<AppState>,
+/// A server's live feed (a field of [`AppState`]): the marks channel while a poller runs, and
+/// the token that ends the server's streams.
+#[derive(Default)]
+pub struct LiveFeed {
+    inner: Mutex<FeedInner>,
+}
+
+#[derive(Default)]
+struct FeedInner {
     marks: Option<watch::Receiver<Marks>>,
     shutdown: CancellationToken,
 }
 
-static FEEDS: Mutex<Vec<Feed>> = Mutex::new(Vec::new());
-
-fn feed_of<'a>(feeds: &'a mut Vec<Feed>, state: &Weak<AppState>) -> &'a mut Feed {
-    feeds.retain(|f| f.state.strong_count() > 0);
-    match feeds.iter().position(|f| f.state.ptr_eq(state)) {
-        Some(i) => &mut feeds[i],
-        None => {
-            feeds.push(Feed {
-                state: state.clone(),
-                marks: None,
-                shutdown: CancellationToken::new(),
-            });
-            feeds.last_mut().expect("just pushed")
-        }
+impl LiveFeed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedInner> {
+        self.inner.lock().expect("dashboard feed")
     }
 }
 
 /// Ends this server's event streams when `shutdown` is cancelled (the server calls this with the
 /// token of its graceful shutdown).
 pub fn end_streams_on(state: &Shared, shutdown: CancellationToken) {
-    let mut feeds = FEEDS.lock().expect("dashboard feeds");
-    let feed = feed_of(&mut feeds, &Arc::downgrade(state));
-    let own = feed.shutdown.clone();
-    drop(feeds);
+    let own = state.live.lock().shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => own.cancel(),
@@ -108,15 +99,14 @@ pub fn end_streams_on(state: &Shared, shutdown: CancellationToken) {
 
 /// A receiver of this server's marks (starting its poller if none runs) and its stop token.
 fn subscribe(state: &Shared) -> (watch::Receiver<Marks>, CancellationToken) {
-    let weak = Arc::downgrade(state);
-    let mut feeds = FEEDS.lock().expect("dashboard feeds");
-    let feed = feed_of(&mut feeds, &weak);
+    let mut feed = state.live.lock();
     if let Some(rx) = &feed.marks {
         return (rx.clone(), feed.shutdown.clone());
     }
     let (tx, rx) = watch::channel(Marks::default());
     feed.marks = Some(rx.clone());
-    tokio::spawn(poll(weak, tx));
+    // The poller holds the server weakly: it does not keep a stopped server alive.
+    tokio::spawn(poll(Arc::downgrade(state), tx));
     (rx, feed.shutdown.clone())
 }
 
@@ -125,18 +115,16 @@ async fn poll(state: Weak<AppState>, tx: watch::Sender<Marks>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let Some(s) = state.upgrade() else { return };
         {
             // The feed's own receiver is the last one: nobody listens, stop (under the lock, so
             // no stream subscribes to a poller that is leaving).
-            let mut feeds = FEEDS.lock().expect("dashboard feeds");
-            if tx.receiver_count() <= 1 || state.strong_count() == 0 {
-                if let Some(f) = feeds.iter_mut().find(|f| f.state.ptr_eq(&state)) {
-                    f.marks = None;
-                }
+            let mut feed = s.live.lock();
+            if tx.receiver_count() <= 1 {
+                feed.marks = None;
                 return;
             }
         }
-        let Some(s) = state.upgrade() else { return };
         match read_marks(&s).await {
             Ok(m) => {
                 tx.send_if_modified(|cur| {
