@@ -107,8 +107,10 @@ pub fn status(common: &Common) -> anyhow::Result<()> {
     if settings.bus == crate::config::BusChoice::None {
         return status_from_files(&settings);
     }
-    let (op, progress, current, new, last_check, last_error) =
-        with_proxy(common, async |p| p.get_status().await)?;
+    let ((op, progress, current, new, last_check, last_error), quarantined) =
+        with_proxy(common, async |p| {
+            Ok((p.get_status().await?, p.get_quarantined().await?))
+        })?;
     println!("operation: {op}");
     if progress > 0.0 {
         println!("progress: {:.1}%", progress * 100.0);
@@ -125,6 +127,9 @@ pub fn status(common: &Common) -> anyhow::Result<()> {
     }
     if !last_error.is_empty() {
         println!("last error: {last_error}");
+    }
+    if !quarantined.is_empty() {
+        println!("quarantined: {}", quarantined.join(", "));
     }
     Ok(())
 }

@@ -75,9 +75,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             .await
             .context("agent setup panicked")??
     };
+    let mut agent = agent;
     let status = Arc::new(Mutex::new(Status {
         operation: "idle".into(),
         current_version: agent.policy.install.current_version.to_string(),
+        quarantined: agent.state().map(|s| s.quarantined).unwrap_or_default(),
         ..Status::default()
     }));
     let progress_bytes = agent.progress.clone();
@@ -159,6 +161,7 @@ fn publish(status: &Arc<Mutex<Status>>, agent: &mut Agent, sig: &UnboundedSender
         if let Ok(st) = agent.state() {
             s.last_check_unix = st.last_check_unix.unwrap_or(0);
             s.last_error = st.last_error.unwrap_or_default();
+            s.quarantined = st.quarantined;
             if s.new_version.is_empty()
                 && let Some(staged) = st.staged
             {

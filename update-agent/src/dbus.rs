@@ -1,7 +1,8 @@
 //! The D-Bus API: `org.twinroot.Agent1` at `/org/twinroot/Agent1`, bus name `org.twinroot.Agent`.
 //!
 //! Methods: `GetStatus() -> (operation s, progress d, current_version s, new_version s,
-//! last_check_unix t, last_error s)`, `CheckNow() -> s`, `ApplyNow() -> s`, `Rollback() -> s`.
+//! last_check_unix t, last_error s)`, `GetQuarantined() -> as`, `CheckNow() -> s`,
+//! `ApplyNow() -> s`, `Rollback() -> s`.
 //! Signal: `StateChanged(operation s, new_version s, progress d)` on every state change.
 
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,8 @@ pub struct Status {
     pub last_error: String,
     /// Image bytes to write while downloading (for live progress).
     pub total_bytes: u64,
+    /// Versions this host rolled back from and refuses until the server lifts them.
+    pub quarantined: Vec<String>,
 }
 
 /// A request from the bus to the core thread, with where to send the answer.
@@ -84,6 +87,12 @@ impl AgentObject {
         )
     }
 
+    /// Versions this host rolled back from and will not install again until the update server
+    /// lifts the quarantine.
+    async fn get_quarantined(&self) -> Vec<String> {
+        self.status.lock().expect("status lock").quarantined.clone()
+    }
+
     /// Checks for an update now and installs it if one is offered; returns the outcome.
     async fn check_now(&self) -> zbus::fdo::Result<String> {
         self.ask(Request::CheckNow).await
@@ -116,6 +125,7 @@ impl AgentObject {
 )]
 pub trait Agent1 {
     fn get_status(&self) -> zbus::Result<(String, f64, String, String, u64, String)>;
+    fn get_quarantined(&self) -> zbus::Result<Vec<String>>;
     fn check_now(&self) -> zbus::Result<String>;
     fn apply_now(&self) -> zbus::Result<String>;
     fn rollback(&self) -> zbus::Result<String>;

@@ -175,6 +175,15 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
         ),
     )
     .unwrap();
+    // This host once rolled back from 0.9.0: the state file says so, and so does the bus.
+    {
+        use update_agent::state::{FileStateStore, PersistentState, StateStore};
+        let mut state = PersistentState::default();
+        state.quarantine("0.9.0");
+        FileStateStore::new(&h.dir.path().join("state"))
+            .save(&state)
+            .unwrap();
+    }
     let bus = PrivateBus::start(h.dir.path());
     let _daemon = h.daemon(&["--bus", &bus.address, "--booted-slot", "a"]);
 
@@ -184,6 +193,7 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
     let out = h.cli(&["--bus", &bus.address, "status"]);
     let text_out = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text_out.contains("operation: idle"), "{}", text(&out));
+    assert!(text_out.contains("quarantined: 0.9.0"), "{}", text(&out));
     assert!(
         text_out.contains("current version: 1.0.0"),
         "{}",
@@ -198,6 +208,7 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
             .await
             .unwrap();
         let proxy = Agent1Proxy::new(&conn).await.unwrap();
+        assert_eq!(proxy.get_quarantined().await.unwrap(), ["0.9.0"]);
         let mut signals = proxy.receive_state_changed().await.unwrap();
         let outcome = proxy.check_now().await.unwrap();
         let mut ops = Vec::new();
