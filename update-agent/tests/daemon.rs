@@ -180,7 +180,7 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
         use update_agent::state::{FileStateStore, PersistentState, StateStore};
         let mut state = PersistentState::default();
         state.quarantine("0.9.0");
-        FileStateStore::new(&h.dir.path().join("state"))
+        FileStateStore::new(h.dir.path().join("state"))
             .save(&state)
             .unwrap();
     }
