@@ -707,6 +707,24 @@ impl Agent {
         Ok(())
     }
 
+    /// Forgets this host's quarantine of `version` at an operator's request on the host
+    /// (`update-agent unquarantine`), in one atomic state write. Errors when the version is not
+    /// quarantined.
+    pub fn unquarantine(&mut self, version: &str) -> AgentResult<String> {
+        let mut s = self.state()?;
+        if !s.is_quarantined(version) {
+            return Err(AgentError::new(
+                ErrorKind::Internal,
+                format!("version {version} is not quarantined on this host"),
+            ));
+        }
+        s.quarantined.retain(|q| q != version);
+        self.save(&s)?;
+        tracing::info!(version = %version, "quarantine lifted on the host: this version may be installed again");
+        self.publish();
+        Ok(format!("version {version} may be installed again"))
+    }
+
     /// Installs from a source (a URL from an offer, or a local bundle). Reports Omaha events when
     /// `report` is set.
     pub fn install_from(

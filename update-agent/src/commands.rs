@@ -134,6 +134,34 @@ pub fn status(common: &Common) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `Unquarantine` through the daemon's D-Bus API; `None` when there is no bus or no daemon on it.
+fn unquarantine_by_daemon(settings: &Settings, version: &str) -> anyhow::Result<Option<String>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let Ok(Some(conn)) = crate::dbus::connect(&settings.bus, None).await else {
+            return Ok(None);
+        };
+        let proxy = crate::dbus::Agent1Proxy::new(&conn)
+            .await
+            .context("cannot reach the agent on the bus")?;
+        match proxy.unquarantine(version).await {
+            Ok(answer) => Ok(Some(answer)),
+            Err(zbus::Error::MethodError(name, _, _))
+                if matches!(
+                    name.as_str(),
+                    "org.freedesktop.DBus.Error.ServiceUnknown"
+                        | "org.freedesktop.DBus.Error.NameHasNoOwner"
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(anyhow!("{}: {e}", crate::dbus::BUS_NAME)),
+        }
+    })
+}
+
 /// Status without a D-Bus API: what the state file and the slot table say.
 fn status_from_files(settings: &Settings) -> anyhow::Result<()> {
     use crate::state::StateStore;
@@ -213,6 +241,12 @@ pub fn rollback(common: &Common) -> anyhow::Result<()> {
 pub fn unquarantine(common: &Common, version: &str) -> anyhow::Result<()> {
     use crate::state::StateStore;
     let settings = common.settings()?;
+    // A running daemon owns the state file: ask it, so its own state writes cannot race with
+    // this one. Without a bus or a daemon on it, edit the file here.
+    if let Some(answer) = unquarantine_by_daemon(&settings, version)? {
+        println!("{answer}");
+        return Ok(());
+    }
     let mut store = crate::state::FileStateStore::new(&settings.agent.state_dir);
     let mut state = store.load()?;
     let before = state.quarantined.len();

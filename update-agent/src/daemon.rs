@@ -283,6 +283,11 @@ fn core_loop(
                 publish(&status, &mut agent, &sig);
                 let _ = reply.send(r);
             }
+            Ok(Request::Unquarantine(version, reply)) => {
+                let r = agent.unquarantine(&version).map_err(|e| e.to_string());
+                publish(&status, &mut agent, &sig);
+                let _ = reply.send(r);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }

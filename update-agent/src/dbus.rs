@@ -1,8 +1,8 @@
 //! The D-Bus API: `org.twinroot.Agent1` at `/org/twinroot/Agent1`, bus name `org.twinroot.Agent`.
 //!
 //! Methods: `GetStatus() -> (operation s, progress d, current_version s, new_version s,
-//! last_check_unix t, last_error s)`, `GetQuarantined() -> as`, `CheckNow() -> s`,
-//! `ApplyNow() -> s`, `Rollback() -> s`.
+//! last_check_unix t, last_error s)`, `GetQuarantined() -> as`, `Unquarantine(version s) -> s`,
+//! `CheckNow() -> s`, `ApplyNow() -> s`, `Rollback() -> s`.
 //! Signal: `StateChanged(operation s, new_version s, progress d)` on every state change.
 
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ pub enum Request {
     CheckNow(tokio::sync::oneshot::Sender<Result<String, String>>),
     ApplyNow(tokio::sync::oneshot::Sender<Result<String, String>>),
     Rollback(tokio::sync::oneshot::Sender<Result<String, String>>),
+    Unquarantine(String, tokio::sync::oneshot::Sender<Result<String, String>>),
 }
 
 /// The served object.
@@ -49,7 +50,7 @@ pub struct AgentObject {
 impl AgentObject {
     async fn ask(
         &self,
-        make: fn(tokio::sync::oneshot::Sender<Result<String, String>>) -> Request,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<String, String>>) -> Request,
     ) -> zbus::fdo::Result<String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.requests
@@ -93,6 +94,13 @@ impl AgentObject {
         self.status.lock().expect("status lock").quarantined.clone()
     }
 
+    /// Lets this host install a version it rolled back from again (one atomic state write);
+    /// an error when the version is not quarantined.
+    async fn unquarantine(&self, version: String) -> zbus::fdo::Result<String> {
+        self.ask(move |reply| Request::Unquarantine(version, reply))
+            .await
+    }
+
     /// Checks for an update now and installs it if one is offered; returns the outcome.
     async fn check_now(&self) -> zbus::fdo::Result<String> {
         self.ask(Request::CheckNow).await
@@ -126,6 +134,7 @@ impl AgentObject {
 pub trait Agent1 {
     fn get_status(&self) -> zbus::Result<(String, f64, String, String, u64, String)>;
     fn get_quarantined(&self) -> zbus::Result<Vec<String>>;
+    fn unquarantine(&self, version: &str) -> zbus::Result<String>;
     fn check_now(&self) -> zbus::Result<String>;
     fn apply_now(&self) -> zbus::Result<String>;
     fn rollback(&self) -> zbus::Result<String>;

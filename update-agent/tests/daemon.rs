@@ -209,6 +209,24 @@ fn dbus_status_check_now_and_state_signals_on_a_private_bus() {
             .unwrap();
         let proxy = Agent1Proxy::new(&conn).await.unwrap();
         assert_eq!(proxy.get_quarantined().await.unwrap(), ["0.9.0"]);
+        // The operator lifts it on the host: the CLI asks the daemon, which writes the state.
+        let out = h.cli(&["--bus", &bus.address, "unquarantine", "0.9.0"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("0.9.0 may be installed again"),
+            "{}",
+            text(&out)
+        );
+        assert!(proxy.get_quarantined().await.unwrap().is_empty());
+        let state = std::fs::read_to_string(h.dir.path().join("state/agent-state.json")).unwrap();
+        assert!(!state.contains("0.9.0"), "{state}");
+        let out = h.cli(&["--bus", &bus.address, "unquarantine", "0.9.0"]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("0.9.0 is not quarantined"),
+            "{}",
+            text(&out)
+        );
         let mut signals = proxy.receive_state_changed().await.unwrap();
         let outcome = proxy.check_now().await.unwrap();
         let mut ops = Vec::new();
@@ -327,6 +345,24 @@ fn daemon_without_a_bus_checks_a_new_boot_and_marks_it_good() {
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("none"),
+        "{}",
+        text(&out)
+    );
+    // Without a bus, `unquarantine` edits the state file itself.
+    {
+        use update_agent::state::{FileStateStore, StateStore};
+        let mut store = FileStateStore::new(h.dir.path().join("state"));
+        let mut st = store.load().unwrap();
+        st.quarantine("3.0.0");
+        store.save(&st).unwrap();
+    }
+    let out = h.cli(&["unquarantine", "3.0.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!std::fs::read_to_string(&state).unwrap().contains("3.0.0"));
+    let out = h.cli(&["unquarantine", "3.0.0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3.0.0 is not quarantined"),
         "{}",
         text(&out)
     );
