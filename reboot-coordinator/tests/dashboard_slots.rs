@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{CoordinatorProcess, fleetlock, http};
 use reboot_coordinator::testing::EtcdCluster;
@@ -63,26 +63,57 @@ impl UpdateServer {
         resp.json().await.unwrap()
     }
 
-    /// Polls the view until its reboot slots satisfy `pred` (the server renews them every 2 s).
+    /// Waits until the view's reboot slots satisfy `pred`: reads the view, and again after each
+    /// `change` event of the dashboard's live stream (its change marks include the slots, so
+    /// every change of them is announced).
     async fn slots_until(
         &self,
         client: &reqwest::Client,
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v = self.view(client).await;
-            if pred(&v["reboot_slots"]) {
-                return v;
+        let mut events = client
+            .get(format!("{}/api/v1/dashboard/events", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(events.status().as_u16(), 200);
+        let mut buf = String::new();
+        // After `hello`, any change of the slots comes as an event: none can be missed.
+        next_event(&mut events, &mut buf).await;
+        let mut last = Value::Null;
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let v = self.view(client).await;
+                if pred(&v["reboot_slots"]) {
+                    return v;
+                }
+                last = v["reboot_slots"].clone();
+                next_event(&mut events, &mut buf).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; reboot_slots = {}",
-                v["reboot_slots"]
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("timed out waiting for {what}; reboot_slots = {last}"))
+    }
+}
+
+/// The next named event of a server-sent event stream (keep-alive comments are skipped).
+async fn next_event(resp: &mut reqwest::Response, buf: &mut String) -> String {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if event.lines().any(|l| l.starts_with("event:")) {
+                return event;
+            }
+            continue;
         }
+        let chunk = resp
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the dashboard's event stream ended");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
 

@@ -101,7 +101,7 @@ async fn restart_keeps_all_state() {
 
     // A second server on the same SQLite database refuses to start, and the first one keeps
     // serving, unchanged.
-    let (code, err) = serve_until_exit(&data);
+    let (code, err) = serve_until_exit(&data).await;
     assert_ne!(code, Some(0), "{err}");
     assert!(
         err.contains("in use by another update-server") && err.contains("server.db"),
@@ -340,23 +340,19 @@ fn run_cli(url: &str, token: &str, args: &[&str]) -> (bool, String, String) {
 
 /// Runs `update-server serve` on `data` and waits (at most 30 s) for it to exit: its exit code
 /// and stderr. A server that keeps running is killed and the test fails.
-fn serve_until_exit(data: &std::path::Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_update-server"))
+async fn serve_until_exit(data: &std::path::Path) -> (Option<i32>, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_update-server"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env_remove("TWINROOT_DATABASE_URL")
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("a second update-server on {} kept running", data.display());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("a second update-server on {} kept running", data.display()))
+        .unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
