@@ -32,16 +32,10 @@ pub fn in_window(windows: &[MaintenanceWindow], now: Timestamp) -> bool {
 }
 
 fn window_contains(w: &MaintenanceWindow, now: Timestamp) -> bool {
-    let local = now.to_zoned(w.time_zone.clone());
     // A window that started on an earlier day may still be open: look back far enough.
     let days_back = w.length.as_secs().div_ceil(86_400) as i64;
     for back in 0..=days_back {
-        let Some(start) = local
-            .date()
-            .checked_sub(back.days())
-            .ok()
-            .and_then(|day| window_start(w, day))
-        else {
+        let Some(start) = start_days_from(w, now, -back) else {
             continue;
         };
         let Ok(end) = start.checked_add(w.length) else {
@@ -52,6 +46,17 @@ fn window_contains(w: &MaintenanceWindow, now: Timestamp) -> bool {
         }
     }
     false
+}
+
+/// When `w` opens `days` days after (before, when negative) `now`'s date in the window's time
+/// zone, if it opens that weekday.
+fn start_days_from(w: &MaintenanceWindow, now: Timestamp, days: i64) -> Option<Timestamp> {
+    let day = now
+        .to_zoned(w.time_zone.clone())
+        .date()
+        .checked_add(days.days())
+        .ok()?;
+    window_start(w, day)
 }
 
 /// When `w` opens on `day` (local to the window's time zone), if it opens that weekday.
@@ -74,14 +79,8 @@ pub fn until_window(windows: &[MaintenanceWindow], now: Timestamp) -> Duration {
     // Step through the next 8 days minute by minute would be slow; check each window start.
     let mut best: Option<Duration> = None;
     for w in windows {
-        let local = now.to_zoned(w.time_zone.clone());
         for ahead in 0..=7i64 {
-            let Some(start) = local
-                .date()
-                .checked_add(ahead.days())
-                .ok()
-                .and_then(|day| window_start(w, day))
-            else {
+            let Some(start) = start_days_from(w, now, ahead) else {
                 continue;
             };
             if start > now {
