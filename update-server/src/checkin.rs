@@ -6,9 +6,12 @@
 //! memory over counts read from the database plus the changes of the batch itself, then
 //! multi-row writes and one commit. Only after the commit does any host get its answer, so an
 //! acknowledged event is never lost, and the counts each decision sees include every earlier
-//! decision (of this batch, of earlier batches, and of other server processes).
+//! decision (of this batch, of earlier batches, and of other server processes). The one
+//! exception is a check-in that changes nothing but the host's `last_seen` and `checkins`: those
+//! two are written behind, within a second, by a later batch ([`crate::seen`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use base64::Engine as _;
@@ -21,6 +24,7 @@ use twinroot_format::omaha::{
 };
 
 use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout, RolloutCounts};
+use crate::seen::{PendingSeen, SeenPlan, Touch};
 use crate::store::{
     Backend, ChannelRow, HistoryRow, InstanceRow, LiftRow, ReleaseRow, RolloutRow, Store, Tx,
 };
@@ -92,8 +96,9 @@ pub struct Checkins {
 impl Checkins {
     /// Starts the writer for `store`; it ends when every handle is dropped. On SQLite the writer
     /// is a thread with its own synchronous connection (no hand-offs to a database worker per
-    /// statement); on PostgreSQL it is a task using the store's pool.
-    pub fn start(store: Store) -> Result<Checkins> {
+    /// statement); on PostgreSQL it is a task using the store's pool. Check-ins that only say a
+    /// host is still there are written within `seen_delay` ([`crate::seen`]).
+    pub fn start(store: Store, seen_delay: Duration) -> Result<Checkins> {
         let (tx, rx) = mpsc::channel(4096);
         let stop = tokio_util::sync::CancellationToken::new();
         let (stopped_tx, stopped) = oneshot::channel();
@@ -101,6 +106,7 @@ impl Checkins {
             jobs: rx,
             stop: stop.clone(),
             stopped: stopped_tx,
+            seen: PendingSeen::new(seen_delay),
         };
         match &store.sqlite_path {
             Some(path) => {
@@ -109,6 +115,7 @@ impl Checkins {
                     .name("checkin-writer".into())
                     .spawn(move || {
                         let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_time()
                             .build()
                             .expect("a current-thread runtime always builds");
                         rt.block_on(writer(db, rx));
@@ -126,9 +133,9 @@ impl Checkins {
         })
     }
 
-    /// Stops the writer and waits until it closed its database connection (on SQLite the last
-    /// connection to close folds the WAL back into the database file). Check-ins after this
-    /// fail.
+    /// Stops the writer and waits until it wrote every pending check-in and closed its database
+    /// connection (on SQLite the last connection to close folds the WAL back into the database
+    /// file). Check-ins after this fail.
     pub async fn close(&self) {
         self.stop.cancel();
         if let Some(stopped) = self.stopped.lock().await.take() {
@@ -197,8 +204,8 @@ pub(crate) trait BatchDb {
 pub(crate) struct BatchWrites<'a> {
     /// New or changed host records.
     pub instances: Vec<&'a InstanceRow>,
-    /// Host records whose only changes are `last_seen` and `checkins`.
-    pub touched: Vec<&'a InstanceRow>,
+    /// Check-ins of hosts that changed nothing else (see [`crate::seen`]).
+    pub touched: &'a [Touch],
     pub history: &'a [HistoryRow],
     pub grants: &'a [Grant],
     /// (machine id, version)
@@ -298,8 +305,8 @@ impl BatchDb for SqlxBatch {
             .tx
             .as_mut()
             .ok_or_else(|| anyhow!("check-in batch has no transaction"))?;
-        let all: Vec<&InstanceRow> = w.instances.iter().chain(&w.touched).copied().collect();
-        self.store.upsert_instances(tx, &all).await?;
+        self.store.upsert_instances(tx, &w.instances).await?;
+        self.store.touch_instances(tx, w.touched).await?;
         self.store.insert_history_many(tx, w.history).await?;
         for (machine, channel, group, version, at) in w.grants {
             Store::insert_grant(tx, machine, channel, group, version, *at).await?;
@@ -325,26 +332,58 @@ struct WriterInput {
     jobs: mpsc::Receiver<Job>,
     stop: tokio_util::sync::CancellationToken,
     stopped: oneshot::Sender<()>,
+    seen: PendingSeen,
 }
 
-async fn writer<D: BatchDb>(db: D, input: WriterInput) {
+async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
     let WriterInput {
         jobs: mut rx,
         stop,
         stopped,
+        mut seen,
     } = input;
-    record_until_stopped(db, &mut rx, &stop).await;
+    record_until_stopped(&mut db, &mut rx, &stop, &mut seen).await;
+    if let Err(e) = write_seen(&mut db, &mut seen, true).await {
+        tracing::error!(
+            error = %format!("{e:#}"),
+            hosts = seen.len(),
+            "cannot write the last check-ins of hosts that only checked in"
+        );
+    }
+    drop(db);
     // `db` is dropped (its connection closed) before anyone hears that the writer stopped.
     let _ = stopped.send(());
 }
 
+/// Writes the pending check-ins that are due (`all`: every one) in a transaction of their own.
+async fn write_seen<D: BatchDb>(db: &mut D, seen: &mut PendingSeen, all: bool) -> Result<()> {
+    let now = Instant::now();
+    let plan = seen.plan(&[], [], now, all);
+    if !plan.writes.is_empty() {
+        db.begin().await?;
+        db.write(&BatchWrites {
+            instances: Vec::new(),
+            touched: &plan.writes,
+            history: &[],
+            grants: &[],
+            ended_lifts: &[],
+        })
+        .await?;
+        db.commit().await?;
+    }
+    seen.apply(plan, now);
+    Ok(())
+}
+
 async fn record_until_stopped<D: BatchDb>(
-    mut db: D,
+    db: &mut D,
     rx: &mut mpsc::Receiver<Job>,
     stop: &tokio_util::sync::CancellationToken,
+    seen: &mut PendingSeen,
 ) {
     let mut cache = ConfigCache::default();
     loop {
+        let due = seen.next_due();
         let first = tokio::select! {
             biased;
             job = rx.recv() => match job {
@@ -352,6 +391,14 @@ async fn record_until_stopped<D: BatchDb>(
                 None => return,
             },
             _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                // No check-in for a while: write the ones that fell due.
+                if let Err(e) = write_seen(db, seen, false).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot write pending check-ins; will retry");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
         };
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -363,7 +410,7 @@ async fn record_until_stopped<D: BatchDb>(
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match record_batch(&mut db, &jobs, &mut cache).await {
+            match record_batch(db, &jobs, &mut cache, seen).await {
                 // PostgreSQL may abort one of two crossing transactions; try again.
                 Err(e) if attempt < 4 && db.retry_conflicts() => {
                     tracing::debug!(error = %e, "retrying check-in batch");
@@ -382,7 +429,7 @@ async fn record_until_stopped<D: BatchDb>(
                 tracing::warn!(error = %format!("{e:#}"), "check-in batch failed; retrying singly");
                 for job in jobs {
                     let one = std::slice::from_ref(&job);
-                    let r = record_batch(&mut db, one, &mut cache)
+                    let r = record_batch(db, one, &mut cache, seen)
                         .await
                         .map(|mut a| a.pop().expect("one answer"));
                     let _ = job.reply.send(r);
@@ -474,6 +521,7 @@ async fn record_batch<D: BatchDb>(
     db: &mut D,
     jobs: &[Job],
     cache: &mut ConfigCache,
+    seen: &mut PendingSeen,
 ) -> Result<Vec<Answer>> {
     db.begin().await?;
     // Read after `begin`: the transaction holds SQLite's write lock now, so any admin change is
@@ -508,7 +556,10 @@ async fn record_batch<D: BatchDb>(
         .instances(&ids)
         .await?
         .into_iter()
-        .map(|i| (i.machine_id.clone(), i))
+        .map(|mut i| {
+            seen.overlay(&mut i);
+            (i.machine_id.clone(), i)
+        })
         .collect();
     let mut b = Batch {
         channels: std::mem::take(&mut cache.channels),
@@ -529,21 +580,31 @@ async fn record_batch<D: BatchDb>(
     }
     let mut changed: Vec<&InstanceRow> = b.current.values().collect();
     changed.sort_by(|a, c| a.machine_id.cmp(&c.machine_id));
-    let (touched, changed): (Vec<&InstanceRow>, Vec<&InstanceRow>) =
-        changed.into_iter().partition(|i| {
-            b.original
-                .get(&i.machine_id)
-                .is_some_and(|o| only_seen_again(o, i))
-        });
+    let mut touched: Vec<(&InstanceRow, &InstanceRow)> = Vec::new();
+    let mut rewritten: Vec<&InstanceRow> = Vec::new();
+    for i in changed {
+        match b.original.get(&i.machine_id) {
+            Some(o) if only_seen_again(o, i) => touched.push((o, i)),
+            _ => rewritten.push(i),
+        }
+    }
+    let now = Instant::now();
+    let plan: SeenPlan = seen.plan(
+        &touched,
+        rewritten.iter().map(|i| i.machine_id.as_str()),
+        now,
+        false,
+    );
     db.write(&BatchWrites {
-        instances: changed,
-        touched,
+        instances: rewritten,
+        touched: &plan.writes,
         history: &b.history,
         grants: &b.grants,
         ended_lifts: &b.ended_lifts,
     })
     .await?;
     db.commit().await?;
+    seen.apply(plan, now);
     // Only a committed batch's view (including automatic halts) may be reused.
     cache.channels = b.channels;
     cache.rollouts = b.rollouts;

@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod payload;
 pub mod policy;
 pub mod release;
+pub mod seen;
 pub mod series;
 pub mod server;
 mod sqlite_writer;

@@ -142,6 +142,12 @@ struct ServeArgs {
     /// windows, timeouts and metrics windows all follow it.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = update_server::clock::parse_scale)]
     time_scale: f64,
+    /// Milliseconds a check-in that changes nothing but the host's last-seen time and check-in
+    /// count may wait before those two are written (folded with later ones; 0 writes every
+    /// check-in before answering it; at most 4000). Every other check-in is committed before
+    /// its answer.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=4000))]
+    seen_delay_ms: u64,
     /// Base URL of the FleetLock reboot coordinator the fleet uses (shown on the dashboard).
     #[arg(long, value_parser = update_server::server::parse_coordinator_url)]
     coordinator: Option<reqwest::Url>,
@@ -330,6 +336,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.payload_base_url = a.payload_base_url;
             cfg.public_url = a.public_url;
             cfg.time_scale = a.time_scale;
+            cfg.seen_delay = std::time::Duration::from_millis(a.seen_delay_ms);
             cfg.coordinator = a.coordinator;
             cli::serve(a.listen, cfg).await
         }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
@@ -45,6 +45,9 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
     /// How much faster than the wall clock the server's clock runs (1.0 = real time).
     pub time_scale: f64,
+    /// How long a check-in that changes nothing but the host's `last_seen` and `checkins` may
+    /// wait before those are written ([`crate::seen`]; at most [`crate::seen::MAX_DELAY`]).
+    pub seen_delay: std::time::Duration,
     /// Base URL of the FleetLock reboot coordinator the fleet uses, if any (shown on the
     /// dashboard).
     pub coordinator: Option<reqwest::Url>,
@@ -73,6 +76,7 @@ impl ServerConfig {
             public_url: None,
             max_upload_bytes: 16 << 30,
             time_scale: 1.0,
+            seen_delay: crate::seen::DEFAULT_DELAY,
             coordinator: None,
         }
     }
@@ -136,6 +140,13 @@ pub type Shared = Arc<AppState>;
 /// Opens the store and keyring for a configuration.
 pub async fn open_state(config: ServerConfig) -> Result<Shared> {
     crate::clock::validate_scale(config.time_scale)?;
+    if config.seen_delay > crate::seen::MAX_DELAY {
+        bail!(
+            "the delay for writing check-ins ({} ms) is longer than the {} ms allowed",
+            config.seen_delay.as_millis(),
+            crate::seen::MAX_DELAY.as_millis()
+        );
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     release::ensure_dirs(&config.data_dir)?;
@@ -155,7 +166,7 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
         None => None,
     };
     Ok(Arc::new(AppState {
-        checkins: Checkins::start(store.clone())?,
+        checkins: Checkins::start(store.clone(), config.seen_delay)?,
         store,
         omaha: OmahaConfig {
             app_id: config.app_id.clone(),

@@ -263,8 +263,8 @@ impl BatchDb for SqliteBatch {
         // A host that only checked in again changes two columns; rewriting the whole record
         // would rewrite every index of the table too.
         let mut st = self.conn.prepare_cached(sql::TOUCH_INSTANCE)?;
-        for i in &w.touched {
-            st.execute(params![i.last_seen, i.checkins, i.machine_id])?;
+        for t in w.touched {
+            st.execute(params![t.last_seen, t.added, t.machine_id])?;
         }
         let mut st = self.conn.prepare_cached(&self.upsert_instance)?;
         for i in &w.instances {

@@ -86,8 +86,9 @@ pub(crate) mod sql {
         "SELECT * FROM rollouts ORDER BY channel, grp FOR UPDATE";
     // IN_FLIGHT_STATUSES, spelled out: a const cannot be formatted into a const.
     pub const COUNT_IN_FLIGHT: &str = "SELECT COUNT(*) AS n FROM instances WHERE channel = $1 AND rollout_grp = $2 AND target_version = $3 AND status IN ('granted','downloading','downloaded','installed') AND granted_at > $4";
-    pub const TOUCH_INSTANCE: &str =
-        "UPDATE instances SET last_seen = $1, checkins = $2 WHERE machine_id = $3";
+    /// Check-ins of a host that changed nothing else ([`crate::seen::Touch`]): `last_seen`
+    /// never moves back, `checkins` grows.
+    pub const TOUCH_INSTANCE: &str = "UPDATE instances SET last_seen = CASE WHEN last_seen < $1 THEN $1 ELSE last_seen END, checkins = checkins + $2 WHERE machine_id = $3";
     pub const SELECT_INSTANCE: &str = "SELECT machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, outcome_at, failed_version, first_seen, last_seen, checkins FROM instances WHERE machine_id = $1";
 }
 
@@ -1036,6 +1037,35 @@ impl Store {
                     .bind(i.first_seen)
                     .bind(i.last_seen)
                     .bind(i.checkins);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes check-ins of hosts that changed nothing else, in few statements.
+    pub(crate) async fn touch_instances(&self, tx: &mut Tx, rows: &[crate::seen::Touch]) -> Result<()> {
+        for chunk in rows.chunks(300) {
+            let values = (0..chunk.len())
+                .map(|r| {
+                    format!(
+                        "(CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
+                        self.placeholder(r * 3 + 1),
+                        self.placeholder(r * 3 + 2),
+                        self.placeholder(r * 3 + 3)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE instances SET \
+                 last_seen = CASE WHEN instances.last_seen < t.seen THEN t.seen ELSE instances.last_seen END, \
+                 checkins = instances.checkins + t.added \
+                 FROM (VALUES {values}) AS t (id, seen, added) WHERE instances.machine_id = t.id"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for t in chunk {
+                q = q.bind(t.machine_id.clone()).bind(t.last_seen).bind(t.added);
             }
             q.execute(&mut **tx).await?;
         }
