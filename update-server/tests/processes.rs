@@ -554,6 +554,8 @@ fn serve_refuses_bad_time_scales_and_coordinator_urls() {
         ("--time-scale", "fast", "not a number"),
         ("--coordinator", "ftp://coord", "http:// or https://"),
         ("--coordinator", "not a url", "invalid"),
+        ("--seen-delay-ms", "5000", "0..=4000"),
+        ("--seen-delay-ms", "1s", "invalid digit"),
     ] {
         let err = cli_fails(
             "http://127.0.0.1:1",
@@ -578,6 +580,80 @@ fn serve_refuses_bad_time_scales_and_coordinator_urls() {
 /// `update-server ARGS` that needs no server.
 fn local(args: &[&str]) -> (bool, String, String) {
     run_cli("http://127.0.0.1:1", "", args)
+}
+
+#[tokio::test]
+async fn check_ins_written_behind_reach_the_database() {
+    check_ins_written_behind_reach(None).await;
+}
+
+#[tokio::test]
+async fn check_ins_written_behind_reach_postgres() {
+    let pg = Postgres::start().await;
+    check_ins_written_behind_reach(Some(&pg.url)).await;
+}
+
+/// The host `id` as the admin API shows it: (checkins, last_seen, version).
+async fn host_row(http: &reqwest::Client, url: &str, token: &str, id: &str) -> (i64, i64, String) {
+    let hosts = admin_get(http, url, token, "/api/v1/instances").await;
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["machine_id"] == id)
+        .unwrap_or_else(|| panic!("{id} missing: {hosts}"));
+    (
+        h["checkins"].as_i64().unwrap(),
+        h["last_seen"].as_i64().unwrap(),
+        h["version"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Check-ins that only say "still here" are answered before they are written (`serve
+/// --seen-delay-ms`, 1 s by default): they reach the database within the delay when check-ins
+/// stop, folded into the record when the host's next check-in changes it, and all of them on a
+/// graceful stop.
+async fn check_ins_written_behind_reach(database: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = create_token(&data, database, "admin");
+    let http = update_server::http_client();
+    let mut p = ServerProcess::spawn(&data, database, None);
+    p.wait_ready().await;
+    let check_in = |version: &'static str| {
+        let (http, url) = (http.clone(), p.url.clone());
+        async move {
+            let r = omaha_post(&http, &url, &ue_request("w1", version, "stable", vec![])).await;
+            assert!(is_noupdate(&r), "{r:?}");
+        }
+    };
+    // New host (written at once), then three check-ins that change nothing else.
+    for _ in 0..4 {
+        check_in("1.0.0").await;
+    }
+    let (_, first_seen, _) = host_row(&http, &p.url, &token, "w1").await;
+    wait_for(30, "four check-ins of w1 in the database", || async {
+        (host_row(&http, &p.url, &token, "w1").await.0 == 4).then_some(())
+    })
+    .await;
+    // Two more, then one that changes the record (a new version): it carries the two.
+    check_in("1.0.0").await;
+    check_in("1.0.0").await;
+    check_in("1.0.1").await;
+    let (n, seen, version) = host_row(&http, &p.url, &token, "w1").await;
+    assert_eq!((n, version.as_str()), (7, "1.0.1"));
+    assert!(seen >= first_seen);
+    // Three more and a graceful stop right away: the stop writes them.
+    for _ in 0..3 {
+        check_in("1.0.1").await;
+    }
+    p.terminate();
+    let mut p = ServerProcess::spawn(&data, database, None);
+    p.wait_ready().await;
+    let (n, last_seen, _) = host_row(&http, &p.url, &token, "w1").await;
+    assert_eq!(n, 10, "check-ins lost on a graceful stop");
+    assert!(last_seen >= seen);
+    p.terminate();
 }
 
 #[tokio::test]
