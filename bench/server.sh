@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark of the update-server's Omaha endpoint: update checks per second from 10,000 distinct
-# machine ids (every check-in persisted: instance upsert, rollout decision with database counts,
-# commit before the answer) versus a minimal axum handler returning a fixed Omaha response, both
-# driven by wrk on the same machine in the same run. Also reports p50/p99 latency and the SQLite
+# machine ids (every check-in persisted: rollout decision with database counts, changes committed
+# before the answer, "still here" check-ins written within a second; and once more with
+# --seen-delay-ms 0, every check-in committed before its answer) versus a minimal axum handler
+# returning a fixed Omaha response, all driven by wrk on the same machine in the same run. Also reports p50/p99 latency and the SQLite
 # database size per 1,000 hosts. Writes its table into docs/BENCHMARKS.md under "## update-server".
 #
 # Usage: bench/server.sh [SECONDS (default 10)] [CONNECTIONS (default 32)] [ROUNDS (default 3)]
-# Each round measures the baseline, then the server, back to back; the table shows the round
+# Each round measures the baseline, then both servers, back to back; the table shows the round
 # with the median ratio, and every round's ratio is listed (other processes on the machine move
 # single figures a lot: the load average is recorded too).
 set -euo pipefail
@@ -65,32 +66,45 @@ bport=$(free_port)
 wait_http "http://127.0.0.1:$bport/v1/update/"
 
 # The server: a release on stable at a 5% staged rollout with an automatic-halt rule, so each
-# check-in runs the full decision (cohort bucket plus the outcome counts query).
+# check-in runs the full decision (cohort bucket plus the outcome counts query). Two of them, on
+# databases of their own: as served by default, and with --seen-delay-ms 0 (every check-in
+# written before its answer, also those that only say "still here").
 "$fixture" bundle "$work" 2.0.0
+start_server() { # DATA_DIR EXTRA_ARGS... -> "port pid token"
+  local data=$1; shift
+  local token port pid
+  token=$("$server" token create --data-dir "$data" --role admin)
+  port=$(free_port)
+  RUST_LOG=warn "$server" serve --listen "127.0.0.1:$port" --data-dir "$data" --keyring "$work/release.keyring" "$@" >&2 &
+  pid=$!
+  wait_http "http://127.0.0.1:$port/healthz"
+  TWINROOT_SERVER="http://127.0.0.1:$port" TWINROOT_TOKEN="$token" "$server" release upload "$work/2.0.0.bundle" >/dev/null
+  TWINROOT_SERVER="http://127.0.0.1:$port" TWINROOT_TOKEN="$token" "$server" release promote 2.0.0 --channel stable --force >/dev/null
+  TWINROOT_SERVER="http://127.0.0.1:$port" TWINROOT_TOKEN="$token" "$server" rollout set stable --start-percent 5 --halt-failure-percent 20 --halt-min-reports 10 >/dev/null
+  # Warm-up pass registers the 10,000 hosts (first check-in = insert); the measured pass updates them.
+  local saved=$seconds; seconds=3; run_wrk "http://127.0.0.1:$port" >/dev/null; seconds=$saved
+  echo "$port $pid $token"
+}
 data="$work/data"
-token=$("$server" token create --data-dir "$data" --role admin)
-sport=$(free_port)
-RUST_LOG=warn "$server" serve --listen "127.0.0.1:$sport" --data-dir "$data" --keyring "$work/release.keyring" & spid=$!
-pids+=($spid)
-wait_http "http://127.0.0.1:$sport/healthz"
+read -r sport spid token < <(start_server "$data"); pids+=($spid)
+read -r zport zpid _ < <(start_server "$work/data-sync" --seen-delay-ms 0); pids+=($zpid)
 export TWINROOT_SERVER="http://127.0.0.1:$sport" TWINROOT_TOKEN="$token"
-"$server" release upload "$work/2.0.0.bundle" >/dev/null
-"$server" release promote 2.0.0 --channel stable --force >/dev/null
-"$server" rollout set stable --start-percent 5 --halt-failure-percent 20 --halt-min-reports 10 >/dev/null
-# Warm-up pass registers the 10,000 hosts (first check-in = insert); the measured pass updates them.
-seconds_saved=$seconds; seconds=3; run_wrk "http://127.0.0.1:$sport" >/dev/null; seconds=$seconds_saved
 : > "$work/rounds"
 for _ in $(seq 1 "$rounds"); do
   read -r b_rps b_p50 b_p99 b_err b_cpu < <(run_wrk "http://127.0.0.1:$bport" "$bpid")
   read -r s_rps s_p50 s_p99 s_err s_cpu < <(run_wrk "http://127.0.0.1:$sport" "$spid")
-  echo "$(python3 -c "print(f'{$s_rps/$b_rps:.2f}')") $b_rps $b_p50 $b_p99 $b_err $b_cpu $s_rps $s_p50 $s_p99 $s_err $s_cpu" >> "$work/rounds"
+  read -r z_rps z_p50 z_p99 z_err z_cpu < <(run_wrk "http://127.0.0.1:$zport" "$zpid")
+  echo "$(python3 -c "print(f'{$s_rps/$b_rps:.2f} {$z_rps/$b_rps:.2f}')") $b_rps $b_p50 $b_p99 $b_err $b_cpu $s_rps $s_p50 $s_p99 $s_err $s_cpu $z_rps $z_p50 $z_p99 $z_err $z_cpu" >> "$work/rounds"
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 all_ratios=$(cut -d' ' -f1 "$work/rounds" | paste -sd' ' | sed 's/ /x, /g')x
-read -r ratio b_rps b_p50 b_p99 b_err b_cpu s_rps s_p50 s_p99 s_err s_cpu < <(sort -n "$work/rounds" | sed -n "$(( (rounds + 1) / 2 ))p")
+sync_ratios=$(cut -d' ' -f2 "$work/rounds" | paste -sd' ' | sed 's/ /x, /g')x
+sync_median=$(cut -d' ' -f2 "$work/rounds" | sort -n | sed -n "$(( (rounds + 1) / 2 ))p")
+read -r ratio _ b_rps b_p50 b_p99 b_err b_cpu s_rps s_p50 s_p99 s_err s_cpu z_rps z_p50 z_p99 z_err z_cpu < <(sort -n "$work/rounds" | sed -n "$(( (rounds + 1) / 2 ))p")
 hosts_seen=$("$server" instances --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 granted=$("$server" instances --json | python3 -c 'import json,sys; print(sum(1 for i in json.load(sys.stdin) if i["status"]=="granted"))')
-kill -TERM "$spid"; wait "$spid" 2>/dev/null || true
+kill -TERM "$spid"
+while kill -0 "$spid" 2>/dev/null; do sleep 0.1; done  # it writes pending check-ins and folds the WAL
 db_bytes=$(du -cb "$data"/server.db* | tail -1 | cut -f1)
 per_1000=$(python3 -c "print(f'{$db_bytes/$hosts_seen*1000/1024:.0f}')")
 
@@ -99,8 +113,11 @@ table="$(cat <<MD
 | --- | --- | --- | --- | --- | --- |
 | minimal axum handler, fixed Omaha response (baseline) | $b_rps | $b_p50 | $b_p99 | $b_err | $b_cpu us |
 | update-server \`POST /v1/update/\`, SQLite, 10,000 machine ids | $s_rps | $s_p50 | $s_p99 | $s_err | $s_cpu us |
+| the same with \`--seen-delay-ms 0\` (every check-in written before its answer) | $z_rps | $z_p50 | $z_p99 | $z_err | $z_cpu us |
 
 Ratio update-server / baseline: **${ratio}x** (median of $rounds rounds: $all_ratios; target >= 0.5x).
+With \`--seen-delay-ms 0\`: ${sync_median}x (rounds: $sync_ratios). The table shows the round with the
+median default ratio.
 Load average (1, 5, 15 min) before: $load_before, after: $load_after. Hosts in the database after the run:
 $hosts_seen ($granted granted at 5%); SQLite size (database + WAL after shutdown): $db_bytes bytes,
 **${per_1000} KiB per 1,000 hosts** (instances, grants and status history).
@@ -115,8 +132,10 @@ section="$(cat <<MD
 -c$conns for ${seconds} s per case and round on the same machine (wrk competes with the server
 for the cores). Both binaries use mimalloc. Each
 request is an update_engine-shaped update check; machine ids cycle through $hosts distinct values,
-registered by a 3 s warm-up pass before the measured pass. The server answers after committing the
-check-in (instance upsert, rollout decision with its database counts, grant rows for the 5% cohort).
+registered by a 3 s warm-up pass before the measured pass. The server reads each host's record,
+decides with its database counts and commits grants (the 5% cohort), new hosts and any other
+change before answering; a check-in that only says "still here" has its \`last_seen\` and
+\`checkins\` written within 1 s (docs/SERVER.md, "Check-ins written behind").
 
 $table
 MD
@@ -126,7 +145,8 @@ import re, sys
 section = sys.argv[1].strip() + "\n"
 path = "docs/BENCHMARKS.md"
 text = open(path).read()
-pattern = re.compile(r"^## update-server\n.*?(?=^## |\Z)", re.S | re.M)
+# The generated part ends at the next heading: "### " notes below it are kept.
+pattern = re.compile(r"^## update-server\n.*?(?=^## |^### |\Z)", re.S | re.M)
 if pattern.search(text):
     text = pattern.sub(lambda m: section + "\n", text, count=1)
 else:

@@ -122,7 +122,8 @@ impl PendingSeen {
             in_batch.insert(id);
             let prev = self.hosts.get(id);
             let added = prev.map_or(0, |e| e.added) + (after.checkins - before.checkins);
-            let due = all || self.delay.is_zero() || prev.is_some_and(|e| self.is_due(e.since, now));
+            let due =
+                all || self.delay.is_zero() || prev.is_some_and(|e| self.is_due(e.since, now));
             if due {
                 plan.writes.push(Touch {
                     machine_id: id.to_string(),
@@ -259,7 +260,12 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PendingSeen::new(Duration::from_secs(1));
         checkin(&mut p, &host("a", 10, 1), 11, t0);
-        checkin(&mut p, &host("b", 10, 1), 12, t0 + Duration::from_millis(300));
+        checkin(
+            &mut p,
+            &host("b", 10, 1),
+            12,
+            t0 + Duration::from_millis(300),
+        );
         // Not due yet: nothing to write.
         let plan = p.plan(&[], [], t0 + Duration::from_millis(900), false);
         assert!(plan.writes.is_empty());

@@ -1044,7 +1044,11 @@ impl Store {
     }
 
     /// Writes check-ins of hosts that changed nothing else, in few statements.
-    pub(crate) async fn touch_instances(&self, tx: &mut Tx, rows: &[crate::seen::Touch]) -> Result<()> {
+    pub(crate) async fn touch_instances(
+        &self,
+        tx: &mut Tx,
+        rows: &[crate::seen::Touch],
+    ) -> Result<()> {
         for chunk in rows.chunks(300) {
             let values = (0..chunk.len())
                 .map(|r| {
