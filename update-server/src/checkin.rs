@@ -91,6 +91,18 @@ pub struct Checkins {
     stop: tokio_util::sync::CancellationToken,
     /// Fires when the writer has stopped and closed its database connection.
     stopped: std::sync::Arc<tokio::sync::Mutex<Option<oneshot::Receiver<()>>>>,
+    /// Cleared when the writer ends, for whatever reason (a stop, or a panic).
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Clears [`Checkins::running`] when the writer ends, unwinding included.
+struct RunningGuard(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!("check-in writer ended");
+    }
 }
 
 impl Checkins {
@@ -102,6 +114,8 @@ impl Checkins {
         let (tx, rx) = mpsc::channel(4096);
         let stop = tokio_util::sync::CancellationToken::new();
         let (stopped_tx, stopped) = oneshot::channel();
+        let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let guard = RunningGuard(running.clone());
         let rx = WriterInput {
             jobs: rx,
             stop: stop.clone(),
@@ -118,19 +132,29 @@ impl Checkins {
                             .enable_time()
                             .build()
                             .expect("a current-thread runtime always builds");
+                        let _guard = guard;
                         rt.block_on(writer(db, rx));
                     })
                     .map_err(|e| anyhow!("cannot start the check-in writer thread: {e}"))?;
             }
             None => {
-                tokio::spawn(writer(SqlxBatch { store, tx: None }, rx));
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    writer(SqlxBatch { store, tx: None }, rx).await
+                });
             }
         }
         Ok(Checkins {
             jobs: tx,
             stop,
             stopped: std::sync::Arc::new(tokio::sync::Mutex::new(Some(stopped))),
+            running,
         })
+    }
+
+    /// Whether the writer still records check-ins (`GET /healthz` fails once it does not).
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops the writer and waits until it wrote every pending check-in and closed its database

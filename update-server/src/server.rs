@@ -193,7 +193,7 @@ pub fn router(state: Shared) -> Router {
             get(payload::serve).head(payload::serve),
         )
         .route("/metrics", get(metrics::endpoint))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .nest("/api/v1", api::router(state.clone()))
         .merge(crate::dashboard::router(state.clone()))
         .with_state(state)
@@ -210,6 +210,21 @@ pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationTok
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await
     .context("HTTP server failed")
+}
+
+/// `ok` while check-ins can be recorded; 503 once the check-in writer has ended (a stop, or a
+/// bug), so a supervisor or load balancer takes the process out instead of letting it answer
+/// every host with an error.
+async fn healthz(State(state): State<Shared>) -> Response {
+    if state.checkins.is_running() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "check-in writer stopped: this server records no check-ins\n",
+        )
+            .into_response()
+    }
 }
 
 fn xml_response(status: StatusCode, body: String) -> Response {

@@ -1100,3 +1100,36 @@ async fn clock_resumes_where_the_database_ends(database: Option<&str>) {
     assert!(state.now() < future);
     state.checkins.close().await;
 }
+
+/// `/healthz` says `ok` while check-ins are recorded, and 503 once the check-in writer has ended
+/// (here: stopped under a running HTTP server), when every check-in is answered with an error.
+#[tokio::test]
+async fn health_check_fails_once_check_ins_cannot_be_recorded() {
+    let s = TestServer::start().await;
+    let health = || async {
+        let r = s
+            .http
+            .get(format!("{}/healthz", s.url))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(health().await, (200, "ok\n".to_string()));
+    assert!(is_noupdate(
+        &s.omaha(&ue_request("h1", "1.0.0", "stable", vec![])).await
+    ));
+    s.state.checkins.close().await;
+    let (code, body) = health().await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("check-in writer stopped"), "{body}");
+    let r = s
+        .http
+        .post(format!("{}/v1/update/", s.url))
+        .body(ue_request("h1", "1.0.0", "stable", vec![]).to_xml())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    s.stop().await;
+}
