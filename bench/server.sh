@@ -3,8 +3,9 @@
 # machine ids (every check-in persisted: rollout decision with database counts, changes committed
 # before the answer, "still here" check-ins written within a second; and once more with
 # --seen-delay-ms 0, every check-in committed before its answer) versus a minimal axum handler
-# returning a fixed Omaha response, all driven by wrk on the same machine in the same run. Also reports p50/p99 latency and the SQLite
-# database size per 1,000 hosts. Writes its table into docs/BENCHMARKS.md under "## update-server".
+# returning a fixed Omaha response, all driven by wrk on the same machine in the same run. Also
+# reports p50/p99 latency, server CPU per request and the SQLite database size per 1,000 hosts.
+# Writes its table into docs/BENCHMARKS.md under "## update-server".
 #
 # Usage: bench/server.sh [SECONDS (default 10)] [CONNECTIONS (default 32)] [ROUNDS (default 3)]
 # Each round measures the baseline, then both servers, back to back; the table shows the round

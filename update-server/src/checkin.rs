@@ -24,7 +24,7 @@ use twinroot_format::omaha::{
 };
 
 use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout, RolloutCounts};
-use crate::seen::{PendingSeen, SeenPlan, Touch};
+use crate::seen::{PendingSeen, Touch};
 use crate::store::{
     Backend, ChannelRow, HistoryRow, InstanceRow, LiftRow, ReleaseRow, RolloutRow, Store, Tx,
 };
@@ -613,7 +613,7 @@ async fn record_batch<D: BatchDb>(
         }
     }
     let now = Instant::now();
-    let plan: SeenPlan = seen.plan(
+    let plan = seen.plan(
         &touched,
         rewritten.iter().map(|i| i.machine_id.as_str()),
         now,

@@ -193,25 +193,10 @@ mod tests {
 
     fn host(id: &str, last_seen: i64, checkins: i64) -> InstanceRow {
         InstanceRow {
-            machine_id: id.into(),
-            app_id: "app".into(),
-            channel: "stable".into(),
-            group: String::new(),
-            rollout_group: String::new(),
             version: Some("1.0.0".into()),
-            board: None,
-            boot_id: None,
-            status: "idle".into(),
-            error_code: None,
-            target_version: None,
-            granted_at: None,
-            outcome: None,
-            outcome_version: None,
-            outcome_at: None,
-            failed_version: None,
-            first_seen: 0,
             last_seen,
             checkins,
+            ..InstanceRow::new(id, "app", "stable", 0)
         }
     }
 
