@@ -115,12 +115,12 @@ impl Checkins {
         let stop = tokio_util::sync::CancellationToken::new();
         let (stopped_tx, stopped) = oneshot::channel();
         let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let guard = RunningGuard(running.clone());
         let rx = WriterInput {
             jobs: rx,
             stop: stop.clone(),
             stopped: stopped_tx,
             seen: PendingSeen::new(seen_delay),
+            running: RunningGuard(running.clone()),
         };
         match &store.sqlite_path {
             Some(path) => {
@@ -132,16 +132,12 @@ impl Checkins {
                             .enable_time()
                             .build()
                             .expect("a current-thread runtime always builds");
-                        let _guard = guard;
                         rt.block_on(writer(db, rx));
                     })
                     .map_err(|e| anyhow!("cannot start the check-in writer thread: {e}"))?;
             }
             None => {
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    writer(SqlxBatch { store, tx: None }, rx).await
-                });
+                tokio::spawn(writer(SqlxBatch { store, tx: None }, rx));
             }
         }
         Ok(Checkins {
@@ -357,6 +353,8 @@ struct WriterInput {
     stop: tokio_util::sync::CancellationToken,
     stopped: oneshot::Sender<()>,
     seen: PendingSeen,
+    /// Dropped when the writer ends: before `stopped` fires, or while a panic unwinds.
+    running: RunningGuard,
 }
 
 async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
@@ -365,6 +363,7 @@ async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
         stop,
         stopped,
         mut seen,
+        running,
     } = input;
     record_until_stopped(&mut db, &mut rx, &stop, &mut seen).await;
     if let Err(e) = write_seen(&mut db, &mut seen, true).await {
@@ -375,7 +374,8 @@ async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
         );
     }
     drop(db);
-    // `db` is dropped (its connection closed) before anyone hears that the writer stopped.
+    drop(running);
+    // `db` is closed and `/healthz` fails before anyone hears that the writer stopped.
     let _ = stopped.send(());
 }
 
