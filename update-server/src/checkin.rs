@@ -23,6 +23,7 @@ use twinroot_format::omaha::{
     UpdateOffer, event_result, event_type,
 };
 
+use crate::fast::FastPath;
 use crate::policy::{self, Decision, Hold, HostView, ReleaseView, Rollout, RolloutCounts};
 use crate::seen::{PendingSeen, Touch};
 use crate::store::{
@@ -56,6 +57,8 @@ pub struct CheckinSummary {
     pub holds: Vec<&'static str>,
     pub halted: Vec<String>,
     pub events: u32,
+    /// Apps answered on the HTTP thread, without the writer ([`crate::fast`]).
+    pub from_memory: u32,
 }
 
 impl CheckinSummary {
@@ -64,15 +67,16 @@ impl CheckinSummary {
         self.holds.extend(o.holds);
         self.halted.extend(o.halted);
         self.events += o.events;
+        self.from_memory += o.from_memory;
     }
 }
 
 /// What one app of a check-in is answered.
-struct Answer {
-    update_check: Option<UpdateCheckResponse>,
+pub(crate) struct Answer {
+    pub update_check: Option<UpdateCheckResponse>,
     /// Quarantine lifts sent to the host (see [`LiftRow`]).
-    lift_quarantine: Vec<String>,
-    summary: CheckinSummary,
+    pub lift_quarantine: Vec<String>,
+    pub summary: CheckinSummary,
 }
 
 struct Job {
@@ -93,6 +97,8 @@ pub struct Checkins {
     stopped: std::sync::Arc<tokio::sync::Mutex<Option<oneshot::Receiver<()>>>>,
     /// Cleared when the writer ends, for whatever reason (a stop, or a panic).
     running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Check-ins answered on the HTTP threads (SQLite with a seen delay; [`crate::fast`]).
+    fast: Option<std::sync::Arc<FastPath>>,
 }
 
 /// Clears [`Checkins::running`] when the writer ends, unwinding included.
@@ -109,18 +115,23 @@ impl Checkins {
     /// Starts the writer for `store`; it ends when every handle is dropped. On SQLite the writer
     /// is a thread with its own synchronous connection (no hand-offs to a database worker per
     /// statement); on PostgreSQL it is a task using the store's pool. Check-ins that only say a
-    /// host is still there are written within `seen_delay` ([`crate::seen`]).
-    pub fn start(store: Store, seen_delay: Duration) -> Result<Checkins> {
+    /// host is still there are written within `seen_delay` ([`crate::seen`]). With a seen delay
+    /// on SQLite, up to `cached_hosts` host records are kept for answering held hosts on the
+    /// HTTP threads ([`crate::fast`]; 0 sends every check-in to the writer).
+    pub fn start(store: Store, seen_delay: Duration, cached_hosts: usize) -> Result<Checkins> {
         let (tx, rx) = mpsc::channel(4096);
         let stop = tokio_util::sync::CancellationToken::new();
         let (stopped_tx, stopped) = oneshot::channel();
         let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let fast = (store.sqlite_path.is_some() && !seen_delay.is_zero() && cached_hosts > 0)
+            .then(|| std::sync::Arc::new(FastPath::new(store.generation_counter(), cached_hosts)));
         let rx = WriterInput {
             jobs: rx,
             stop: stop.clone(),
             stopped: stopped_tx,
             seen: PendingSeen::new(seen_delay),
             running: RunningGuard(running.clone()),
+            fast: fast.clone(),
         };
         match &store.sqlite_path {
             Some(path) => {
@@ -145,6 +156,7 @@ impl Checkins {
             stop,
             stopped: std::sync::Arc::new(tokio::sync::Mutex::new(Some(stopped))),
             running,
+            fast,
         })
     }
 
@@ -355,6 +367,7 @@ struct WriterInput {
     seen: PendingSeen,
     /// Dropped when the writer ends: before `stopped` fires, or while a panic unwinds.
     running: RunningGuard,
+    fast: Option<std::sync::Arc<FastPath>>,
 }
 
 async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
@@ -364,8 +377,12 @@ async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
         stopped,
         mut seen,
         running,
+        fast,
     } = input;
-    record_until_stopped(&mut db, &mut rx, &stop, &mut seen).await;
+    let fast = fast.as_deref();
+    record_until_stopped(&mut db, &mut rx, &stop, &mut seen, fast).await;
+    // Nothing is answered on the HTTP threads from here on; take what they answered.
+    take_answered(fast, &mut seen, true);
     if let Err(e) = write_seen(&mut db, &mut seen, true).await {
         tracing::error!(
             error = %format!("{e:#}"),
@@ -377,6 +394,16 @@ async fn writer<D: BatchDb>(mut db: D, input: WriterInput) {
     drop(running);
     // `db` is closed and `/healthz` fails before anyone hears that the writer stopped.
     let _ = stopped.send(());
+}
+
+/// Moves the check-ins answered on the HTTP threads into the pending ones (`close`: the writer
+/// is stopping, and nothing more is answered there).
+fn take_answered(fast: Option<&FastPath>, seen: &mut PendingSeen, close: bool) {
+    if let Some(taken) = fast.and_then(|f| f.take(close)) {
+        for (id, (last_seen, added)) in taken.hosts {
+            seen.add(id, last_seen, added, taken.since);
+        }
+    }
 }
 
 /// Writes the pending check-ins that are due (`all`: every one) in a transaction of their own.
@@ -404,10 +431,13 @@ async fn record_until_stopped<D: BatchDb>(
     rx: &mut mpsc::Receiver<Job>,
     stop: &tokio_util::sync::CancellationToken,
     seen: &mut PendingSeen,
+    fast: Option<&FastPath>,
 ) {
     let mut cache = ConfigCache::default();
+    // When to take the check-ins answered on the HTTP threads (set when they wake the writer).
+    let mut take_at: Option<Instant> = None;
     loop {
-        let due = seen.next_due();
+        let wake = [seen.next_due(), take_at].into_iter().flatten().min();
         let first = tokio::select! {
             biased;
             job = rx.recv() => match job {
@@ -415,9 +445,25 @@ async fn record_until_stopped<D: BatchDb>(
                 None => return,
             },
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+            _ = async {
+                match fast {
+                    Some(f) => f.wake.notified().await,
+                    None => std::future::pending().await,
+                }
+            }, if take_at.is_none() => {
+                take_at = Some(Instant::now() + crate::fast::DRAIN_LAG);
+                continue;
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+                let now = Instant::now();
+                if take_at.is_some_and(|t| t <= now) {
+                    take_at = None;
+                    take_answered(fast, seen, false);
+                }
                 // No check-in for a while: write the ones that fell due.
-                if let Err(e) = write_seen(db, seen, false).await {
+                if seen.next_due().is_some_and(|t| t <= now)
+                    && let Err(e) = write_seen(db, seen, false).await
+                {
                     tracing::warn!(error = %format!("{e:#}"), "cannot write pending check-ins; will retry");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -434,7 +480,7 @@ async fn record_until_stopped<D: BatchDb>(
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            match record_batch(db, &jobs, &mut cache, seen).await {
+            match record_batch(db, &jobs, &mut cache, seen, fast).await {
                 // PostgreSQL may abort one of two crossing transactions; try again.
                 Err(e) if attempt < 4 && db.retry_conflicts() => {
                     tracing::debug!(error = %e, "retrying check-in batch");
@@ -453,7 +499,7 @@ async fn record_until_stopped<D: BatchDb>(
                 tracing::warn!(error = %format!("{e:#}"), "check-in batch failed; retrying singly");
                 for job in jobs {
                     let one = std::slice::from_ref(&job);
-                    let r = record_batch(db, one, &mut cache, seen)
+                    let r = record_batch(db, one, &mut cache, seen, fast)
                         .await
                         .map(|mut a| a.pop().expect("one answer"));
                     let _ = job.reply.send(r);
@@ -503,8 +549,17 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
-        let machine_id = machine_id.to_string();
-        let answer = checkins.submit(app, machine_id, codebase, now).await?;
+        let answer = match checkins
+            .fast
+            .as_ref()
+            .and_then(|f| f.answer(&app, machine_id, now))
+        {
+            Some(a) => a,
+            None => {
+                let machine_id = machine_id.to_string();
+                checkins.submit(app, machine_id, codebase, now).await?
+            }
+        };
         summary.merge(answer.summary);
         out.update_check = answer.update_check;
         out.lift_quarantine = answer.lift_quarantine;
@@ -539,6 +594,9 @@ struct Batch {
     lifts: HashMap<String, Vec<LiftRow>>,
     /// Lifts this batch ended: (machine id, version).
     ended_lifts: Vec<(String, String)>,
+    /// Whether channels, rollouts, releases or lifts differ from what the batch started from
+    /// (read again, a release read, an automatic halt, a lift ended).
+    config_changed: bool,
 }
 
 async fn record_batch<D: BatchDb>(
@@ -546,7 +604,10 @@ async fn record_batch<D: BatchDb>(
     jobs: &[Job],
     cache: &mut ConfigCache,
     seen: &mut PendingSeen,
+    fast: Option<&FastPath>,
 ) -> Result<Vec<Answer>> {
+    // Before the hosts are read, so that the overlay includes them.
+    take_answered(fast, seen, false);
     db.begin().await?;
     // Read after `begin`: the transaction holds SQLite's write lock now, so any admin change is
     // either committed (and its generation bump visible) or not started.
@@ -597,6 +658,7 @@ async fn record_batch<D: BatchDb>(
         grants: Vec::new(),
         lifts: std::mem::take(&mut cache.lifts),
         ended_lifts: Vec::new(),
+        config_changed: !fresh,
     };
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -629,6 +691,16 @@ async fn record_batch<D: BatchDb>(
     .await?;
     db.commit().await?;
     seen.apply(plan, now);
+    if let Some(f) = fast {
+        // Before any answer of this batch leaves (see `crate::fast`).
+        let config = match generation {
+            Some(g) if b.config_changed || !b.ended_lifts.is_empty() => Some(
+                crate::fast::Config::new(g, &b.channels, &b.rollouts, &b.releases, &b.lifts),
+            ),
+            _ => None,
+        };
+        f.publish(config, b.current.values());
+    }
     // Only a committed batch's view (including automatic halts) may be reused.
     cache.channels = b.channels;
     cache.rollouts = b.rollouts;
@@ -640,7 +712,7 @@ async fn record_batch<D: BatchDb>(
 }
 
 /// Whether `after` differs from `before` in `last_seen` and `checkins` only.
-fn only_seen_again(b: &InstanceRow, a: &InstanceRow) -> bool {
+pub(crate) fn only_seen_again(b: &InstanceRow, a: &InstanceRow) -> bool {
     b.machine_id == a.machine_id
         && b.app_id == a.app_id
         && b.channel == a.channel
@@ -658,6 +730,147 @@ fn only_seen_again(b: &InstanceRow, a: &InstanceRow) -> bool {
         && b.outcome_at == a.outcome_at
         && b.failed_version == a.failed_version
         && b.first_seen == a.first_seen
+}
+
+/// The channel, group and rollout group a check-in is filed under: the track it sends
+/// (`stable` when none), the group it names, and that group again when the channel has a
+/// rollout of its own for it (else "", the channel's rollout).
+pub(crate) fn filing(
+    app: &AppRequest,
+    rollouts: &BTreeMap<(String, String), RolloutRow>,
+) -> (String, String, String) {
+    let channel: String = app
+        .track
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .unwrap_or("stable")
+        .chars()
+        .take(64)
+        .collect();
+    let group: String = app.group_name().unwrap_or("").chars().take(64).collect();
+    let rollout_group =
+        if !group.is_empty() && rollouts.contains_key(&(channel.clone(), group.clone())) {
+            group.clone()
+        } else {
+            String::new()
+        };
+    (channel, group, rollout_group)
+}
+
+/// The host's record (`current`, or a new one) with this check-in's own attributes laid over
+/// it: before its events and the update decision.
+pub(crate) fn checked_in(
+    current: Option<&InstanceRow>,
+    machine_id: &str,
+    app: &AppRequest,
+    (channel, group, rollout_group): (&str, &str, &str),
+    ts: i64,
+) -> InstanceRow {
+    let mut inst = current
+        .cloned()
+        .unwrap_or_else(|| InstanceRow::new(machine_id, &app.app_id, channel, ts));
+    inst.app_id = app.app_id.clone();
+    inst.channel = channel.to_string();
+    inst.group = group.to_string();
+    inst.rollout_group = rollout_group.to_string();
+    inst.version = app.version.clone().or(inst.version);
+    inst.board = app.board.clone().or(inst.board);
+    inst.boot_id = app.boot_id.clone().or(inst.boot_id);
+    inst.last_seen = ts;
+    inst.checkins += 1;
+    inst
+}
+
+/// Whether a host with a grant in flight reports running the version it was granted (without
+/// events): it has completed the update.
+pub(crate) fn completes_grant(inst: &InstanceRow, app: &AppRequest) -> bool {
+    is_in_flight(&inst.status)
+        && inst.target_version.is_some()
+        && inst.target_version == inst.version
+        && app.events.is_empty()
+}
+
+/// The release a rollout serves: its pin, else the channel's release.
+pub(crate) fn target_of(channel: &ChannelRow, r: &RolloutRow) -> Option<String> {
+    r.policy
+        .pin
+        .clone()
+        .or_else(|| channel.release_version.clone())
+}
+
+/// The update decision as far as it goes without counts.
+pub(crate) enum FirstLook {
+    /// `noupdate`, for this reason (a metrics label).
+    Hold(&'static str),
+    Decide(Box<Considered>),
+}
+
+/// What [`policy::decide`] was given, and what it decided over empty counts. A grant still
+/// needs the counts (when the rollout has a rule that reads them); a hold stands whatever the
+/// counts are.
+pub(crate) struct Considered {
+    pub rollout: Rollout,
+    pub release: ReleaseView,
+    pub host: HostView,
+    pub quick: Decision,
+}
+
+/// Decides as far as possible without counts: `release` is the rollout's target release.
+pub(crate) fn first_look(
+    app: &AppRequest,
+    inst: &InstanceRow,
+    r: &RolloutRow,
+    release: &ReleaseRow,
+    now: DateTime<Utc>,
+) -> FirstLook {
+    let ts = now.timestamp();
+    if let (Some(want), Some(have)) = (&release.board, &app.board)
+        && want != have
+    {
+        return FirstLook::Hold("wrong_board");
+    }
+    // The host may ask to stay within a version prefix (`targetversionprefix="1.2."`).
+    if let Some(prefix) = app
+        .update_check
+        .as_ref()
+        .and_then(|u| u.target_version_prefix.as_deref())
+        .filter(|p| !p.is_empty())
+        && !release.version.starts_with(prefix)
+    {
+        return FirstLook::Hold("target_version_prefix");
+    }
+    let Ok(version) = Version::parse(&release.version) else {
+        return FirstLook::Hold("no_release");
+    };
+    let rollout = Rollout {
+        policy: r.policy.clone(),
+        paused: r
+            .paused
+            .then(|| r.pause_reason.clone().unwrap_or_else(|| "paused".into())),
+        started_at: r.started_at,
+    };
+    let host = HostView {
+        machine_id: inst.machine_id.clone(),
+        version: parse_version(inst.version.as_deref()),
+        failed_version: parse_version(inst.failed_version.as_deref()),
+        in_flight_for_target: is_in_flight(&inst.status)
+            && inst.target_version.as_deref() == Some(release.version.as_str())
+            && inst
+                .granted_at
+                .is_some_and(|g| g > ts - r.policy.in_flight_timeout_secs),
+    };
+    let release = ReleaseView {
+        version,
+        salt: release.salt.clone(),
+        min_source_version: parse_version(release.min_source_version.as_deref()),
+    };
+    let quick = policy::decide(&rollout, &release, &host, &RolloutCounts::default(), now);
+    FirstLook::Decide(Box::new(Considered {
+        rollout,
+        release,
+        host,
+        quick,
+    }))
 }
 
 /// What a host record adds to the counts of `key`: (in flight, success, failure).
@@ -693,6 +906,7 @@ impl Batch {
         }
         let r = db.release(version).await?;
         self.releases.insert(version.to_string(), r.clone());
+        self.config_changed = true;
         Ok(r)
     }
 
@@ -758,6 +972,7 @@ impl Batch {
             r.auto_halted = true;
             r.pause_reason = Some(reason.to_string());
         }
+        self.config_changed = true;
         tracing::warn!(channel, group, version, reason, "rollout halted");
         Ok(())
     }
@@ -770,47 +985,18 @@ impl Batch {
             events: app.events.len() as u32,
             ..CheckinSummary::default()
         };
-        let channel: String = app
-            .track
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .unwrap_or("stable")
-            .chars()
-            .take(64)
-            .collect();
-        let group: String = app.group_name().unwrap_or("").chars().take(64).collect();
+        let (channel, group, rollout_group) = filing(app, &self.rollouts);
         let known_channel = self.channels.contains_key(&channel);
-        let rollout_group = if !group.is_empty()
-            && self
-                .rollouts
-                .contains_key(&(channel.clone(), group.clone()))
-        {
-            group.clone()
-        } else {
-            String::new()
-        };
-        let mut inst = self
-            .current
-            .get(&job.machine_id)
-            .cloned()
-            .unwrap_or_else(|| InstanceRow::new(&job.machine_id, &app.app_id, &channel, ts));
-        inst.app_id = app.app_id.clone();
-        inst.channel = channel.clone();
-        inst.group = group.clone();
-        inst.rollout_group = rollout_group.clone();
-        inst.version = app.version.clone().or(inst.version);
-        inst.board = app.board.clone().or(inst.board);
-        inst.boot_id = app.boot_id.clone().or(inst.boot_id);
-        inst.last_seen = ts;
-        inst.checkins += 1;
+        let mut inst = checked_in(
+            self.current.get(&job.machine_id),
+            &job.machine_id,
+            app,
+            (&channel, &group, &rollout_group),
+            ts,
+        );
         let history = |inst: &InstanceRow, ev: Option<&omaha::Event>| history_row(inst, ev, ts);
 
-        // A host that reports the version it was granted has completed the update.
-        if is_in_flight(&inst.status)
-            && inst.target_version.is_some()
-            && inst.target_version == inst.version
-            && app.events.is_empty()
-        {
+        if completes_grant(&inst, app) {
             inst.status = "complete".to_string();
             inst.outcome = Some("success".to_string());
             inst.outcome_version = inst.target_version.clone();
@@ -938,12 +1124,7 @@ impl Batch {
         summary: &mut CheckinSummary,
     ) -> Result<UpdateCheckResponse> {
         let ts = now.timestamp();
-        let target = r
-            .policy
-            .pin
-            .clone()
-            .or_else(|| channel.release_version.clone());
-        let Some(target) = target else {
+        let Some(target) = target_of(channel, r) else {
             summary.holds.push("no_release");
             return Ok(UpdateCheckResponse::NoUpdate);
         };
@@ -951,56 +1132,14 @@ impl Batch {
             summary.holds.push("no_release");
             return Ok(UpdateCheckResponse::NoUpdate);
         };
-        if let (Some(want), Some(have)) = (&release.board, &app.board)
-            && want != have
-        {
-            summary.holds.push("wrong_board");
-            return Ok(UpdateCheckResponse::NoUpdate);
-        }
-        // The host may ask to stay within a version prefix (`targetversionprefix="1.2."`).
-        if let Some(prefix) = app
-            .update_check
-            .as_ref()
-            .and_then(|u| u.target_version_prefix.as_deref())
-            .filter(|p| !p.is_empty())
-            && !release.version.starts_with(prefix)
-        {
-            summary.holds.push("target_version_prefix");
-            return Ok(UpdateCheckResponse::NoUpdate);
-        }
-        let Ok(version) = Version::parse(&release.version) else {
-            summary.holds.push("no_release");
-            return Ok(UpdateCheckResponse::NoUpdate);
-        };
-        let rollout = Rollout {
-            policy: r.policy.clone(),
-            paused: r
-                .paused
-                .then(|| r.pause_reason.clone().unwrap_or_else(|| "paused".into())),
-            started_at: r.started_at,
-        };
-        let host = HostView {
-            machine_id: inst.machine_id.clone(),
-            version: parse_version(inst.version.as_deref()),
-            failed_version: parse_version(inst.failed_version.as_deref()),
-            in_flight_for_target: is_in_flight(&inst.status)
-                && inst.target_version.as_deref() == Some(release.version.as_str())
-                && inst
-                    .granted_at
-                    .is_some_and(|g| g > ts - r.policy.in_flight_timeout_secs),
+        let (rollout, release_view, host, quick) = match first_look(app, inst, r, &release, now) {
+            FirstLook::Hold(label) => {
+                summary.holds.push(label);
+                return Ok(UpdateCheckResponse::NoUpdate);
+            }
+            FirstLook::Decide(c) => (c.rollout, c.release, c.host, c.quick),
         };
         // Cheap holds first: counts are read only when they can matter.
-        let quick = policy::decide(
-            &rollout,
-            &ReleaseView {
-                version: version.clone(),
-                salt: release.salt.clone(),
-                min_source_version: parse_version(release.min_source_version.as_deref()),
-            },
-            &host,
-            &RolloutCounts::default(),
-            now,
-        );
         let needs_counts = r.policy.halt.is_some()
             || r.policy.rate_limit.is_some()
             || r.policy.max_in_flight.is_some();
@@ -1008,17 +1147,7 @@ impl Batch {
             Decision::Grant { .. } if needs_counts => {
                 let key = (r.channel.clone(), r.group.clone(), release.version.clone());
                 let counts = self.counts(db, &key, ts).await?;
-                policy::decide(
-                    &rollout,
-                    &ReleaseView {
-                        version,
-                        salt: release.salt.clone(),
-                        min_source_version: parse_version(release.min_source_version.as_deref()),
-                    },
-                    &host,
-                    &counts,
-                    now,
-                )
+                policy::decide(&rollout, &release_view, &host, &counts, now)
             }
             other => other,
         };

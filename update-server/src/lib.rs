@@ -11,6 +11,7 @@ pub mod checkin;
 pub mod cli;
 pub mod clock;
 pub mod dashboard;
+pub mod fast;
 pub mod metrics;
 pub mod openapi;
 pub mod payload;

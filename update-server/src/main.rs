@@ -148,6 +148,11 @@ struct ServeArgs {
     /// its answer.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=4000))]
     seen_delay_ms: u64,
+    /// Most host records kept in memory for answering update checks of held hosts that change
+    /// nothing but their last-seen time on the HTTP threads, without the check-in writer (SQLite
+    /// with a seen delay only; about 0.5 KiB per host; 0 sends every check-in to the writer).
+    #[arg(long, default_value_t = update_server::fast::DEFAULT_CACHED_HOSTS)]
+    cached_hosts: usize,
     /// Base URL of the FleetLock reboot coordinator the fleet uses (shown on the dashboard).
     #[arg(long, value_parser = update_server::server::parse_coordinator_url)]
     coordinator: Option<reqwest::Url>,
@@ -337,6 +342,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.public_url = a.public_url;
             cfg.time_scale = a.time_scale;
             cfg.seen_delay = std::time::Duration::from_millis(a.seen_delay_ms);
+            cfg.cached_hosts = a.cached_hosts;
             cfg.coordinator = a.coordinator;
             cli::serve(a.listen, cfg).await
         }

@@ -137,6 +137,11 @@ async fn render(s: &AppState) -> Result<String> {
             "Rollouts halted automatically by this process.",
             &c.halts,
         ),
+        (
+            "twinroot_checkins_from_memory_total",
+            "App check-ins this process answered from its in-memory view, without its check-in writer (held hosts that only checked in; see docs/SERVER.md).",
+            &c.from_memory,
+        ),
     ] {
         let _ = writeln!(
             out,

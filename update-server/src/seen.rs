@@ -94,6 +94,30 @@ impl PendingSeen {
         }
     }
 
+    /// Adds `added` check-ins of a host answered outside a batch (on the HTTP threads,
+    /// [`crate::fast`]), the oldest of them at `since`, the newest at `last_seen`.
+    pub fn add(&mut self, machine_id: String, last_seen: i64, added: i64, since: Instant) {
+        match self.hosts.get_mut(&machine_id) {
+            Some(e) => {
+                e.last_seen = e.last_seen.max(last_seen);
+                e.added += added;
+            }
+            None => {
+                // `order` stays oldest first: `since` may be older than the last items.
+                let at = self.order.partition_point(|(t, _)| *t <= since);
+                self.order.insert(at, (since, machine_id.clone()));
+                self.hosts.insert(
+                    machine_id,
+                    Entry {
+                        last_seen,
+                        added,
+                        since,
+                    },
+                );
+            }
+        }
+    }
+
     /// When the oldest deferred check-in falls due (`None`: nothing is pending).
     pub fn next_due(&self) -> Option<Instant> {
         self.order.front().map(|(at, _)| *at + self.delay)
@@ -326,6 +350,40 @@ mod tests {
         let plan = p.plan(&[], [], now, false);
         assert_eq!(plan.writes.len(), 10);
         p.apply(plan, now);
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn check_ins_added_from_outside_keep_their_time_and_fold_with_batches() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = PendingSeen::new(Duration::from_secs(1));
+        // "b" is deferred by a batch at t0 + 50 ms; "a" was answered outside at t0 and arrives
+        // later: it still falls due first.
+        checkin(&mut p, &host("b", 1, 1), 2, t0 + ms(50));
+        p.add("a".into(), 5, 2, t0);
+        assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
+        // More outside check-ins of "a" fold into its entry; the overlay shows them.
+        p.add("a".into(), 7, 1, t0 + ms(80));
+        let mut a = host("a", 3, 10);
+        p.overlay(&mut a);
+        assert_eq!((a.last_seen, a.checkins), (7, 13));
+        // At t0 + 1 s only "a" is due; "b" follows 50 ms later.
+        let now = t0 + Duration::from_secs(1);
+        let plan = p.plan(&[], [], now, false);
+        assert_eq!(
+            plan.writes,
+            vec![Touch {
+                machine_id: "a".into(),
+                last_seen: 7,
+                added: 3
+            }]
+        );
+        p.apply(plan, now);
+        assert_eq!(p.next_due(), Some(t0 + ms(1050)));
+        // A batch check-in of "b" carries what is pending for it.
+        let w = checkin(&mut p, &host("b", 1, 1), 9, t0 + ms(1050));
+        assert_eq!(w[0].added, 2);
         assert_eq!(p.len(), 0);
     }
 }

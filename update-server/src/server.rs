@@ -48,6 +48,9 @@ pub struct ServerConfig {
     /// How long a check-in that changes nothing but the host's `last_seen` and `checkins` may
     /// wait before those are written ([`crate::seen`]; at most [`crate::seen::MAX_DELAY`]).
     pub seen_delay: std::time::Duration,
+    /// Most host records kept for answering held hosts without the check-in writer
+    /// ([`crate::fast`]; 0: every check-in goes to the writer).
+    pub cached_hosts: usize,
     /// Base URL of the FleetLock reboot coordinator the fleet uses, if any (shown on the
     /// dashboard).
     pub coordinator: Option<reqwest::Url>,
@@ -77,6 +80,7 @@ impl ServerConfig {
             max_upload_bytes: 16 << 30,
             time_scale: 1.0,
             seen_delay: crate::seen::DEFAULT_DELAY,
+            cached_hosts: crate::fast::DEFAULT_CACHED_HOSTS,
             coordinator: None,
         }
     }
@@ -99,6 +103,8 @@ pub struct Counters {
     pub events: AtomicU64,
     pub bad_requests: AtomicU64,
     pub halts: AtomicU64,
+    /// App check-ins answered on the HTTP threads without the check-in writer.
+    pub from_memory: AtomicU64,
     /// Update checks answered `noupdate`, by reason.
     pub holds: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -166,7 +172,7 @@ pub async fn open_state(config: ServerConfig) -> Result<Shared> {
         None => None,
     };
     Ok(Arc::new(AppState {
-        checkins: Checkins::start(store.clone(), config.seen_delay)?,
+        checkins: Checkins::start(store.clone(), config.seen_delay, config.cached_hosts)?,
         store,
         omaha: OmahaConfig {
             app_id: config.app_id.clone(),
@@ -285,6 +291,8 @@ async fn omaha_endpoint(State(state): State<Shared>, headers: HeaderMap, body: B
                 .fetch_add(u64::from(summary.events), Ordering::Relaxed);
             c.halts
                 .fetch_add(summary.halted.len() as u64, Ordering::Relaxed);
+            c.from_memory
+                .fetch_add(u64::from(summary.from_memory), Ordering::Relaxed);
             if !summary.holds.is_empty()
                 && let Ok(mut holds) = c.holds.lock()
             {

@@ -1133,3 +1133,153 @@ async fn health_check_fails_once_check_ins_cannot_be_recorded() {
     assert_eq!(r.status().as_u16(), 503);
     s.stop().await;
 }
+
+/// The status of host `id`, as the admin API shows it.
+async fn host_status(s: &TestServer, id: &str) -> String {
+    let hosts = s.get("/api/v1/instances").await;
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["machine_id"] == id);
+    h.unwrap_or_else(|| panic!("{id} missing: {hosts}"))["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// This process's `twinroot_checkins_from_memory_total`.
+async fn from_memory(s: &TestServer) -> u64 {
+    let m = s.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("twinroot_checkins_from_memory_total "))
+        .unwrap_or_else(|| panic!("no from-memory counter in {m}"))
+        .parse()
+        .unwrap()
+}
+
+/// Held hosts that only check in are answered from the writer's last committed view, on the
+/// HTTP threads, and every change reaches them: a new policy, a host's own failure, a pause, a
+/// quarantine lift, a new version or channel. Grants always go through the writer.
+#[tokio::test]
+async fn held_hosts_are_answered_from_memory_and_see_every_change() {
+    let s = serving_2_0_0(json!({"start_percent": 0})).await;
+    let check = |id: &str, version: &str| ue_request(id, version, "stable", vec![]);
+    // First check-ins: new hosts, recorded by the writer.
+    for i in 0..5 {
+        assert!(is_noupdate(
+            &s.omaha(&check(&format!("m{i}"), "1.0.0")).await
+        ));
+    }
+    assert_eq!(from_memory(&s).await, 0);
+    // Again: held, nothing changed, answered from memory.
+    for i in 0..5 {
+        assert!(is_noupdate(
+            &s.omaha(&check(&format!("m{i}"), "1.0.0")).await
+        ));
+    }
+    assert_eq!(from_memory(&s).await, 5);
+
+    // A new policy is seen at once: everyone is granted, by the writer, and a renewed grant
+    // goes to the writer too (it reads the counts).
+    set_policy(&s, "stable", None, json!({"start_percent": 100})).await;
+    for _ in 0..2 {
+        assert!(granted(&s.omaha(&check("m0", "1.0.0")).await).is_some());
+    }
+    assert_eq!(from_memory(&s).await, 5);
+
+    // m0 fails the update (an event: through the writer); its next check-ins are held as
+    // quarantined, from memory.
+    report_failure(&s, "m0", 7).await;
+    assert_eq!(from_memory(&s).await, 5);
+    assert!(is_noupdate(&s.omaha(&check("m0", "1.0.0")).await));
+    assert!(is_noupdate(&s.omaha(&check("m0", "1.0.0")).await));
+    assert_eq!(from_memory(&s).await, 7);
+    assert!(
+        s.metrics()
+            .await
+            .contains("twinroot_holds_total{reason=\"quarantined\"} 2")
+    );
+
+    // A pause holds every host at its next check-in.
+    s.post("/api/v1/rollouts/stable/pause", json!({})).await;
+    for i in 1..5 {
+        assert!(is_noupdate(
+            &s.omaha(&check(&format!("m{i}"), "1.0.0")).await
+        ));
+    }
+    s.post("/api/v1/rollouts/stable/resume", json!({})).await;
+    assert!(granted(&s.omaha(&check("m1", "1.0.0")).await).is_some());
+
+    // A quarantine lift reaches its host at its next check-in.
+    s.post(
+        "/api/v1/instances/m0/lift-quarantine",
+        json!({"version": "2.0.0"}),
+    )
+    .await;
+    let r = s.omaha(&check("m0", "1.0.0")).await;
+    assert!(granted(&r).is_some());
+    assert_eq!(r.apps[0].lift_quarantine, ["2.0.0"]);
+
+    // A host reporting the version it was granted completes, through the writer; after that
+    // it is up to date, from memory.
+    let before = from_memory(&s).await;
+    assert!(is_noupdate(&s.omaha(&check("m1", "2.0.0")).await));
+    assert_eq!(host_status(&s, "m1").await, "complete");
+    assert_eq!(from_memory(&s).await, before);
+    assert!(is_noupdate(&s.omaha(&check("m1", "2.0.0")).await));
+    assert_eq!(from_memory(&s).await, before + 1);
+
+    // m4 reports running 2.0.0 in an event that leaves it installed, not complete: its next
+    // plain check-in completes it, so the writer records it.
+    assert!(granted(&s.omaha(&check("m4", "1.0.0")).await).is_some());
+    let installed = ev(event_type::UPDATE_COMPLETE, event_result::SUCCESS, None);
+    s.omaha(&event_request("m4", "2.0.0", "stable", vec![installed]))
+        .await;
+    assert!(is_noupdate(&s.omaha(&check("m4", "2.0.0")).await));
+    assert_eq!(host_status(&s, "m4").await, "complete");
+    assert_eq!(from_memory(&s).await, before + 1);
+
+    // A host changing channel goes through the writer, which files it under the new one.
+    let r = s.omaha(&ue_request("m2", "1.0.0", "beta", vec![])).await;
+    assert!(is_noupdate(&r));
+    assert_eq!(from_memory(&s).await, before + 1);
+    let hosts = s.get("/api/v1/instances?channel=beta").await;
+    assert_eq!(hosts.as_array().unwrap().len(), 1, "{hosts}");
+
+    // Every check-in is counted, those answered from memory included (m3: 1 + 1 + 1).
+    let m3 = wait_for(10, "m3's check-ins written", || async {
+        let hosts = s.get("/api/v1/instances").await;
+        let h = hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["machine_id"] == "m3")
+            .cloned()
+            .unwrap();
+        (h["checkins"] == 3).then_some(h)
+    })
+    .await;
+    assert_eq!(m3["checkins"], 3);
+    s.stop().await;
+}
+
+/// `cached_hosts` bounds the host records kept for answering from memory (0: none); hosts
+/// beyond it are answered by the writer, the same way.
+#[tokio::test]
+async fn cached_hosts_bound_what_is_answered_from_memory() {
+    for (cap, expected) in [(0, 0), (2, 2)] {
+        let s = TestServer::start_with(|c| c.cached_hosts = cap).await;
+        s.release_on("2.0.0", "stable").await;
+        set_policy(&s, "stable", None, json!({"start_percent": 0})).await;
+        for _ in 0..2 {
+            for id in ["a", "b", "c"] {
+                assert!(is_noupdate(
+                    &s.omaha(&ue_request(id, "1.0.0", "stable", vec![])).await
+                ));
+            }
+        }
+        assert_eq!(from_memory(&s).await, expected, "cached_hosts {cap}");
+        s.stop().await;
+    }
+}
