@@ -45,7 +45,7 @@ use crate::store::{ChannelRow, InstanceRow, LiftRow, ReleaseRow, RolloutRow};
 /// from the check-in, not from then).
 pub const DRAIN_LAG: Duration = Duration::from_millis(100);
 /// Host records kept for answering here unless `serve --cached-hosts` says otherwise (about
-/// 0.5 KiB each). Hosts beyond it are answered by the writer.
+/// 0.6 KiB each). Hosts beyond it are answered by the writer.
 pub const DEFAULT_CACHED_HOSTS: usize = 200_000;
 
 /// What the HTTP threads answer from, and the check-ins they answered.

@@ -556,6 +556,8 @@ fn serve_refuses_bad_time_scales_and_coordinator_urls() {
         ("--coordinator", "not a url", "invalid"),
         ("--seen-delay-ms", "5000", "0..=4000"),
         ("--seen-delay-ms", "1s", "invalid digit"),
+        ("--cached-hosts", "1.5", "invalid digit"),
+        ("--cached-hosts", "lots", "invalid digit"),
     ] {
         let err = cli_fails(
             "http://127.0.0.1:1",
