@@ -102,6 +102,11 @@ for _ in $(seq 1 "$rounds"); do
   echo "$(python3 -c "print(f'{$s_rps/$b_rps:.2f} {$c_rps/$b_rps:.2f} {$z_rps/$b_rps:.2f}')") $b_rps $b_p50 $b_p99 $b_err $b_cpu $s_rps $s_p50 $s_p99 $s_err $s_cpu $c_rps $c_p50 $c_p99 $c_err $c_cpu $z_rps $z_p50 $z_p99 $z_err $z_cpu" >> "$work/rounds"
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+# Resident memory after the rounds (before the admin API reads below), and at its peak: what
+# keeping the hosts' records for answering from memory costs.
+mem_mib() { awk -v k="$2:" '$1==k {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+s_rss=$(mem_mib "$spid" VmRSS); s_peak=$(mem_mib "$spid" VmHWM)
+c_rss=$(mem_mib "$cpid" VmRSS); c_peak=$(mem_mib "$cpid" VmHWM)
 ratios_of() { cut -d' ' -f"$1" "$work/rounds" | paste -sd' ' | sed 's/ /x, /g; s/$/x/'; }
 median_of() { cut -d' ' -f"$1" "$work/rounds" | sort -n | sed -n "$(( (rounds + 1) / 2 ))p"; }
 all_ratios=$(ratios_of 1)
@@ -115,11 +120,6 @@ granted=$("$server" instances --json | python3 -c 'import json,sys; print(sum(1 
 from_memory=$(curl -s "http://127.0.0.1:$sport/metrics" | awk '$1=="twinroot_checkins_from_memory_total" {print $2}')
 checkins=$(curl -s "http://127.0.0.1:$sport/metrics" | awk '$1=="twinroot_checkins_total" {print $2}')
 memory_share=$(python3 -c "print(f'{$from_memory * 100 / $checkins:.0f}')")
-# Resident memory after the run, and at its peak: what keeping the hosts' records for answering
-# from memory costs.
-mem_mib() { awk -v k="$2:" '$1==k {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
-s_rss=$(mem_mib "$spid" VmRSS); s_peak=$(mem_mib "$spid" VmHWM)
-c_rss=$(mem_mib "$cpid" VmRSS); c_peak=$(mem_mib "$cpid" VmHWM)
 kill -TERM "$spid"
 while kill -0 "$spid" 2>/dev/null; do sleep 0.1; done  # it writes pending check-ins and folds the WAL
 db_bytes=$(du -cb "$data"/server.db* | tail -1 | cut -f1)

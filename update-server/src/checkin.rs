@@ -8,7 +8,9 @@
 //! acknowledged event is never lost, and the counts each decision sees include every earlier
 //! decision (of this batch, of earlier batches, and of other server processes). The one
 //! exception is a check-in that changes nothing but the host's `last_seen` and `checkins`: those
-//! two are written behind, within a second, by a later batch ([`crate::seen`]).
+//! two are written behind, within a second, by a later batch ([`crate::seen`]); and when such a
+//! check-in is held, an HTTP thread may answer it from the view the writer published after its
+//! last commit, without the writer ([`crate::fast`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
