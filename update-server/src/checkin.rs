@@ -414,6 +414,12 @@ async fn write_seen<D: BatchDb>(db: &mut D, seen: &mut PendingSeen, all: bool) -
     let plan = seen.plan(&[], [], now, all);
     if !plan.writes.is_empty() {
         db.begin().await?;
+        if db.config_generation().is_none() {
+            // Other servers may share the database (PostgreSQL). Their batches read hosts and
+            // write whole records while holding the rollout locks: take them too, so that these
+            // increments never land between such a read and its write (and get overwritten).
+            db.rollouts().await?;
+        }
         db.write(&BatchWrites {
             instances: Vec::new(),
             touched: &plan.writes,
@@ -551,9 +557,11 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
+        // Not once the writer has ended (a panic included): nobody would write the check-in.
         let answer = match checkins
             .fast
             .as_ref()
+            .filter(|_| checkins.is_running())
             .and_then(|f| f.answer(&app, machine_id, now))
         {
             Some(a) => a,

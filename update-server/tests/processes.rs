@@ -658,6 +658,67 @@ async fn check_ins_written_behind_reach(database: Option<&str>) {
     p.terminate();
 }
 
+/// Two servers on one PostgreSQL database count every check-in of hosts they both serve: one
+/// writes check-ins behind (when it falls idle) while the other rewrites the same hosts' whole
+/// records (a new version at every check-in), and neither overwrites the other's count.
+#[tokio::test]
+async fn two_servers_on_postgres_count_every_check_in() {
+    let pg = Postgres::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = create_token(&data, Some(&pg.url), "admin");
+    let http = update_server::http_client();
+    let mut a = ServerProcess::spawn(&data, Some(&pg.url), None);
+    let mut b = ServerProcess::spawn(&data, Some(&pg.url), None);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let hosts: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    for _ in 0..3 {
+        // Through a: check-ins that change nothing, written behind a second later.
+        for id in &hosts {
+            for _ in 0..2 {
+                omaha_post(&http, &a.url, &ue_request(id, "1.0.0", "stable", vec![])).await;
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        // Through b, meanwhile: whole-record rewrites of the same hosts, until a has written.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(1600);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let (http, url, hosts, sent) =
+                (http.clone(), b.url.clone(), hosts.clone(), sent.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = t;
+                while std::time::Instant::now() < until {
+                    let version = format!("1.0.{}", n % 7 + 1);
+                    let req = ue_request(&hosts[n % hosts.len()], &version, "stable", vec![]);
+                    omaha_post(&http, &url, &req).await;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    n += 8;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    // Graceful stops write what is still pending.
+    a.terminate();
+    b.terminate();
+    let mut c = ServerProcess::spawn(&data, Some(&pg.url), None);
+    c.wait_ready().await;
+    let all = admin_get(&http, &c.url, &token, "/api/v1/instances").await;
+    let counted: i64 = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["checkins"].as_i64().unwrap())
+        .sum();
+    assert_eq!(counted, sent.load(std::sync::atomic::Ordering::SeqCst));
+    c.terminate();
+}
+
 #[tokio::test]
 async fn revoked_tokens_are_refused() {
     revoked_tokens_are_refused_on(None).await;
