@@ -39,9 +39,9 @@ big_secs="${BIG_SECS:-360}"
 big_scale="${BIG_SCALE:-12}"
 has() { [[ ",$scenarios," == *,$1,* ]]; }
 
-cargo build -q -p update-agent -p update-server -p reboot-coordinator -p image-tools
+cargo build -q --release -p update-agent -p update-server -p reboot-coordinator -p image-tools
 target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-bin="$target_dir/debug"
+bin="$target_dir/release"
 work="$(mktemp -d /tmp/twinroot-sim-bench.XXXXXX)"
 pids=()
 cleanup() {
@@ -234,7 +234,7 @@ out = ["## fleet simulator", ""]
 out.append(f"`bench/simulator.sh {hosts} {env['SCEN']}` (SCALE={scale} SLOTS={slots} START={env['START']} "
            f"RAMP={env['RAMP']} INTERVAL={env['INTERVAL']} REBOOT={env['REBOOT']} S4_HOSTS={env['S4_HOSTS']} "
            f"OUTAGE={env['OUTAGE']} BIG_HOSTS={env['BIG_HOSTS']} BIG_SCALE={env['BIG_SCALE']} BIG_SECS={env['BIG_SECS']}) on {datetime.date.today()}, "
-           f"{os.cpu_count()} CPUs shared with other builds (load average at the end: {env['LOAD']}), dev profile. "
+           f"{os.cpu_count()} CPUs (load average at the end: {env['LOAD']}), release build. "
            "Simulated hosts run the real agent core (in-memory slots, payload fetched once) against a real "
            "update-server process (SQLite) and a real reboot-coordinator process on etcd, loopback HTTP. "
            f"Server and hosts share the time scale x{scale}: the ramp ({int(env['RAMP'])/3600:.0f} h), the check "

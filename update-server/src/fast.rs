@@ -44,7 +44,7 @@ use crate::store::{ChannelRow, InstanceRow, LiftRow, ReleaseRow, RolloutRow};
 /// Longest a check-in answered here waits before the writer takes it (its seen delay counts
 /// from the check-in, not from then).
 pub const DRAIN_LAG: Duration = Duration::from_millis(100);
-/// Host records kept for answering here unless `serve --cached-hosts` says otherwise (under
+/// Host records kept for answering here unless `serve --cached-hosts` says otherwise (about
 /// 1 KiB each). Hosts beyond it are answered by the writer.
 pub const DEFAULT_CACHED_HOSTS: usize = 200_000;
 

@@ -150,7 +150,7 @@ struct ServeArgs {
     seen_delay_ms: u64,
     /// Most host records kept in memory for answering update checks of held hosts that change
     /// nothing but their last-seen time on the HTTP threads, without the check-in writer (SQLite
-    /// with a seen delay only; under 1 KiB per host; 0 sends every check-in to the writer).
+    /// with a seen delay only; about 1 KiB per host; 0 sends every check-in to the writer).
     #[arg(long, default_value_t = update_server::fast::DEFAULT_CACHED_HOSTS)]
     cached_hosts: usize,
     /// Base URL of the FleetLock reboot coordinator the fleet uses (shown on the dashboard).
