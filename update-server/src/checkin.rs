@@ -103,12 +103,20 @@ pub struct Checkins {
     fast: Option<std::sync::Arc<FastPath>>,
 }
 
-/// Clears [`Checkins::running`] when the writer ends, unwinding included.
-struct RunningGuard(std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// Clears [`Checkins::running`] when the writer ends, unwinding included, and stops the HTTP
+/// threads from answering check-ins nobody would write any more.
+struct RunningGuard {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fast: Option<std::sync::Arc<FastPath>>,
+}
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(f) = &self.fast {
+            f.take(true);
+        }
         tracing::info!("check-in writer ended");
     }
 }
@@ -132,7 +140,10 @@ impl Checkins {
             stop: stop.clone(),
             stopped: stopped_tx,
             seen: PendingSeen::new(seen_delay),
-            running: RunningGuard(running.clone()),
+            running: RunningGuard {
+                running: running.clone(),
+                fast: fast.clone(),
+            },
             fast: fast.clone(),
         };
         match &store.sqlite_path {
@@ -557,11 +568,9 @@ pub async fn handle(
             resp.apps.push(out);
             continue;
         }
-        // Not once the writer has ended (a panic included): nobody would write the check-in.
         let answer = match checkins
             .fast
             .as_ref()
-            .filter(|_| checkins.is_running())
             .and_then(|f| f.answer(&app, machine_id, now))
         {
             Some(a) => a,
@@ -604,8 +613,8 @@ struct Batch {
     lifts: HashMap<String, Vec<LiftRow>>,
     /// Lifts this batch ended: (machine id, version).
     ended_lifts: Vec<(String, String)>,
-    /// Whether channels, rollouts, releases or lifts differ from what the batch started from
-    /// (read again, a release read, an automatic halt, a lift ended).
+    /// Whether channels, rollouts or releases differ from what the batch started from (read
+    /// again, a release read, an automatic halt); lifts changed when `ended_lifts` is not empty.
     config_changed: bool,
 }
 
@@ -916,7 +925,8 @@ impl Batch {
         }
         let r = db.release(version).await?;
         self.releases.insert(version.to_string(), r.clone());
-        self.config_changed = true;
+        // A release that is not there is not kept either (see `record_batch`).
+        self.config_changed |= r.is_some();
         Ok(r)
     }
 
