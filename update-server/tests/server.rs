@@ -173,15 +173,9 @@ async fn several_apps_unknown_apps_and_configurable_app_id() {
         <futureelement/>
     </app>
 </request>"#;
-    let resp = s
-        .http
-        .post(format!("{}/v1/update/", s.url))
-        .body(raw)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let r = omaha::Response::parse(&resp.bytes().await.unwrap()).unwrap();
+    let (status, body) = omaha_raw(&s.http, &s.url, raw.to_string()).await;
+    assert_eq!(status, 200);
+    let r = omaha::Response::parse(body.as_bytes()).unwrap();
     granted(&r).expect("offer").check().unwrap();
     s.stop().await;
 }
@@ -853,16 +847,12 @@ async fn quarantine_lift_reaches_only_its_host_until_it_reports_the_version() {
     let act = s.get("/api/v1/activity?limit=1").await;
     assert_eq!(act[0]["kind"], "quarantine_lifted", "{act}");
     assert_eq!(act[0]["version"], "2.0.0");
-    let raw = s
-        .http
-        .post(format!("{}/v1/update/", s.url))
-        .body(ue_request("q1", "1.0.0", "stable", vec![]).to_xml())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, raw) = omaha_raw(
+        &s.http,
+        &s.url,
+        ue_request("q1", "1.0.0", "stable", vec![]).to_xml(),
+    )
+    .await;
     assert!(
         raw.contains(r#"<updatecheck status="noupdate" twinroot_lift_quarantine="2.0.0">"#),
         "{raw}"
@@ -1106,15 +1096,7 @@ async fn clock_resumes_where_the_database_ends(database: Option<&str>) {
 #[tokio::test]
 async fn health_check_fails_once_check_ins_cannot_be_recorded() {
     let s = TestServer::start().await;
-    let health = || async {
-        let r = s
-            .http
-            .get(format!("{}/healthz", s.url))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    };
+    let health = || s.get_text("/healthz");
     assert_eq!(health().await, (200, "ok\n".to_string()));
     assert!(is_noupdate(
         &s.omaha(&ue_request("h1", "1.0.0", "stable", vec![])).await
@@ -1123,14 +1105,13 @@ async fn health_check_fails_once_check_ins_cannot_be_recorded() {
     let (code, body) = health().await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("check-in writer stopped"), "{body}");
-    let r = s
-        .http
-        .post(format!("{}/v1/update/", s.url))
-        .body(ue_request("h1", "1.0.0", "stable", vec![]).to_xml())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
+    let (status, _) = omaha_raw(
+        &s.http,
+        &s.url,
+        ue_request("h1", "1.0.0", "stable", vec![]).to_xml(),
+    )
+    .await;
+    assert_eq!(status, 503);
     s.stop().await;
 }
 

@@ -171,9 +171,15 @@ impl TestServer {
     }
 
     /// The `/metrics` text.
+    /// `GET path` without a token: (status, body).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("{}{path}", self.url)).send();
+        let resp = resp.await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
     pub async fn metrics(&self) -> String {
-        let resp = self.http.get(format!("{}/metrics", self.url)).send();
-        resp.await.unwrap().text().await.unwrap()
+        self.get_text("/metrics").await.1
     }
 
     pub async fn omaha(&self, req: &Request) -> Response {
@@ -230,18 +236,22 @@ pub async fn upload(
     )
 }
 
-pub async fn omaha_post(http: &reqwest::Client, base: &str, req: &Request) -> Response {
+/// Posts an Omaha body as it is: (status, body).
+pub async fn omaha_raw(http: &reqwest::Client, base: &str, xml: String) -> (u16, String) {
     let resp = http
         .post(format!("{base}/v1/update/"))
         .header("content-type", "text/xml")
-        .body(req.to_xml())
+        .body(xml)
         .send()
         .await
         .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    Response::parse(&body).unwrap()
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+pub async fn omaha_post(http: &reqwest::Client, base: &str, req: &Request) -> Response {
+    let (status, body) = omaha_raw(http, base, req.to_xml()).await;
+    assert_eq!(status, 200, "{body}");
+    Response::parse(body.as_bytes()).unwrap()
 }
 
 /// A request shaped like update_engine's: one app with ping and updatecheck, optional events.
