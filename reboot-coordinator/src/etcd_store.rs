@@ -168,13 +168,22 @@ impl EtcdStore {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.config.timeout, f).await {
-            Ok(r) => r.map_err(|e| classify(&self.endpoints_text, e)),
-            Err(_) => Err(StoreError::Unavailable {
+        self.within_deadline(f)
+            .await?
+            .map_err(|e| classify(&self.endpoints_text, e))
+    }
+
+    /// Runs one etcd call under the deadline; etcd's own error is left to the caller.
+    async fn within_deadline<T, F>(&self, f: F) -> Result<Result<T, etcd_client::Error>, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        tokio::time::timeout(self.config.timeout, f)
+            .await
+            .map_err(|_| StoreError::Unavailable {
                 endpoints: self.endpoints_text.clone(),
                 reason: format!("no answer within {:?}", self.config.timeout),
-            }),
-        }
+            })
     }
 
     /// Revokes a lease without waiting (cleanup only: an unused lease also expires by itself).
@@ -618,11 +627,17 @@ impl SlotStore for EtcdStore {
 
     async fn renew(&self, group: &str, holder: &Holder) -> Result<bool, StoreError> {
         let mut c = self.client.clone();
-        let (mut keeper, mut stream) = self.call(c.lease_keep_alive(holder.lease)).await?;
-        self.call(keeper.keep_alive()).await?;
-        let resp = self.call(stream.message()).await?;
-        if resp.is_none_or(|r| r.ttl() <= 0) {
-            return Ok(false);
+        // Opening the keep-alive stream sends one keep-alive and reads its answer: that is the
+        // renewal. The client reports a lease that is gone (expired, or revoked after a release)
+        // as an error of its own; for us it means "no longer held", not a store failure.
+        let lease_gone = |e: &etcd_client::Error| matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found");
+        match self
+            .within_deadline(c.lease_keep_alive(holder.lease))
+            .await?
+        {
+            Ok(_) => {}
+            Err(e) if lease_gone(&e) => return Ok(false),
+            Err(e) => return Err(classify(&self.endpoints_text, e)),
         }
         // The lease lives on briefly after a release (it is revoked afterwards): only a holder
         // key still on this lease means the slot is still held.

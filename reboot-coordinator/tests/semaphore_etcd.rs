@@ -61,6 +61,18 @@ async fn grant_refuse_reenter_release() {
     let stale = before.holder("b2").unwrap().clone();
     assert!(s.release("g", "b2").await.unwrap());
     assert!(!s.store().renew("g", &stale).await.unwrap());
+    // The same once the release has revoked the stale lease (done in the background): a lease
+    // that is gone means "no longer held", not a store error.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.store().lease_ttl(stale.lease).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "lease {:x} never revoked",
+            stale.lease
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.store().renew("g", &stale).await, Ok(false));
     assert_eq!(s.acquire("g", "c", true).await, Ok(Acquired::Granted));
     // Groups are independent; unconfigured groups use the default (1).
     assert_eq!(s.acquire("other", "a", true).await, Ok(Acquired::Granted));
