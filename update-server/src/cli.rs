@@ -127,7 +127,30 @@ impl Client {
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }
+}
 
+/// An API path from its segments and query, each percent-encoded: names typed by an operator
+/// (a group "rack 7/a", a machine id with `?`) reach the server as they were typed.
+pub fn api_path(segments: &[&str], query: &[(&str, Option<&str>)]) -> String {
+    let mut url = reqwest::Url::parse("http://api.invalid/").expect("static URL");
+    url.path_segments_mut()
+        .expect("http URLs have a path")
+        .pop_if_empty()
+        .extend(segments);
+    let pairs: Vec<_> = query
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    }
+}
+
+impl Client {
     async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value> {
         let resp = req
             .bearer_auth(&self.token)
@@ -291,7 +314,7 @@ pub async fn channel_list(c: &Client, json: bool) -> Result<()> {
 
 pub async fn release_promote(c: &Client, version: &str, channel: &str, force: bool) -> Result<()> {
     c.post(
-        &format!("/releases/{version}/promote"),
+        &api_path(&["releases", version, "promote"], &[]),
         &serde_json::json!({"channel": channel, "force": force}),
         &format!("promote {version} to {channel}"),
     )
@@ -400,7 +423,7 @@ pub async fn rollout_set(
     let policy = flags.to_policy()?;
     let v = c
         .put(
-            &format!("/rollouts/{channel}"),
+            &api_path(&["rollouts", channel], &[]),
             &serde_json::json!({"group": group, "policy": policy}),
             &format!("set rollout {channel}"),
         )
@@ -419,7 +442,7 @@ pub async fn rollout_pause(
     let what = if pause { "pause" } else { "resume" };
     let v = c
         .post(
-            &format!("/rollouts/{channel}/{what}"),
+            &api_path(&["rollouts", channel, what], &[]),
             &serde_json::json!({"group": group, "reason": reason}),
             &format!("{what} rollout {channel}"),
         )
@@ -434,10 +457,9 @@ pub async fn rollout_show(
     group: Option<&str>,
     json: bool,
 ) -> Result<()> {
-    let q = group.map(|g| format!("?group={g}")).unwrap_or_default();
     let v = c
         .get(
-            &format!("/rollouts/{channel}{q}"),
+            &api_path(&["rollouts", channel], &[("group", group)]),
             &format!("show rollout {channel}"),
         )
         .await?;
@@ -469,8 +491,15 @@ fn print_rollout(v: &Value) {
             String::new()
         }
     );
-    if let Some(p) = v.get("policy") {
-        println!("policy: {}", serde_json::to_string(p).unwrap_or_default());
+    let Some(p) = v.get("policy") else { return };
+    match serde_json::from_value::<crate::policy::RolloutPolicy>(p.clone()) {
+        Ok(policy) => {
+            for (label, text) in policy.describe() {
+                println!("  {:<11} {text}", format!("{label}:"));
+            }
+        }
+        // A server newer than this client: show what it sent.
+        Err(_) => println!("  policy: {p}"),
     }
 }
 
@@ -480,18 +509,10 @@ pub async fn instances(
     version: Option<&str>,
     json: bool,
 ) -> Result<()> {
-    let mut q = Vec::new();
-    if let Some(ch) = channel {
-        q.push(format!("channel={ch}"));
-    }
-    if let Some(v) = version {
-        q.push(format!("version={v}"));
-    }
-    let path = if q.is_empty() {
-        "/instances".to_string()
-    } else {
-        format!("/instances?{}", q.join("&"))
-    };
+    let path = api_path(
+        &["instances"],
+        &[("channel", channel), ("version", version)],
+    );
     let v = c.get(&path, "list instances").await?;
     if json {
         print_json(&v);
@@ -516,7 +537,7 @@ pub async fn instances(
 pub async fn lift_quarantine(c: &Client, machine_id: &str, version: &str) -> Result<()> {
     let v = c
         .post(
-            &format!("/instances/{machine_id}/lift-quarantine"),
+            &api_path(&["instances", machine_id, "lift-quarantine"], &[]),
             &serde_json::json!({ "version": version }),
             &format!("lift quarantine of {version} for host {machine_id}"),
         )
@@ -535,7 +556,10 @@ pub async fn lift_quarantine(c: &Client, machine_id: &str, version: &str) -> Res
 
 pub async fn activity(c: &Client, limit: i64, json: bool) -> Result<()> {
     let v = c
-        .get(&format!("/activity?limit={limit}"), "list activity")
+        .get(
+            &api_path(&["activity"], &[("limit", Some(&limit.to_string()))]),
+            "list activity",
+        )
         .await?;
     if json {
         print_json(&v);
@@ -549,4 +573,29 @@ pub async fn activity(c: &Client, limit: i64, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_path;
+
+    #[test]
+    fn api_paths_carry_names_as_typed() {
+        assert_eq!(api_path(&["rollouts", "stable"], &[]), "/rollouts/stable");
+        assert_eq!(
+            api_path(&["rollouts", "stable"], &[("group", Some("rack 7/a&b"))]),
+            "/rollouts/stable?group=rack+7%2Fa%26b"
+        );
+        assert_eq!(
+            api_path(&["instances", "m/1?x", "lift-quarantine"], &[]),
+            "/instances/m%2F1%3Fx/lift-quarantine"
+        );
+        assert_eq!(
+            api_path(
+                &["instances"],
+                &[("channel", None), ("version", Some("2.0.0"))]
+            ),
+            "/instances?version=2.0.0"
+        );
+    }
 }

@@ -55,10 +55,13 @@ enum Command {
         command: Option<InstancesCommand>,
         #[command(flatten)]
         conn: Conn,
+        /// Only hosts on this channel.
         #[arg(long)]
         channel: Option<String>,
+        /// Only hosts running this version.
         #[arg(long)]
         version: Option<String>,
+        /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -66,8 +69,10 @@ enum Command {
     Activity {
         #[command(flatten)]
         conn: Conn,
+        /// How many entries.
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -91,6 +96,7 @@ enum ChannelCommand {
     Create {
         #[command(flatten)]
         conn: Conn,
+        /// 1-64 lowercase letters, digits, `.`, `_` or `-`, starting with a letter or digit.
         name: String,
         /// The channel it follows (releases must pass through that one first).
         #[arg(long)]
@@ -100,6 +106,7 @@ enum ChannelCommand {
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -112,19 +119,23 @@ enum InstancesCommand {
     LiftQuarantine {
         #[command(flatten)]
         conn: Conn,
+        /// The host, as it sends itself (Omaha `machineid`).
         machine_id: String,
+        /// The release it may install again.
         version: String,
     },
 }
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Address and port to listen on (Omaha, admin API, dashboard, metrics).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Directory for the SQLite database and stored release bundles (created if missing).
     #[arg(long)]
     data_dir: PathBuf,
     /// sqlite://PATH or postgres://USER@HOST/DB (default: SQLite in the data dir).
-    #[arg(long, env = "TWINROOT_DATABASE_URL")]
+    #[arg(long, env = "TWINROOT_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
     /// Keyring that release bundles must satisfy (uploads are refused without one).
     #[arg(long)]
@@ -162,12 +173,16 @@ struct ServeArgs {
 enum TokenCommand {
     /// Create a token and print it (only its hash is stored).
     Create {
+        /// The server's data directory.
         #[arg(long)]
         data_dir: PathBuf,
-        #[arg(long, env = "TWINROOT_DATABASE_URL")]
+        /// The server's database URL, when it is not SQLite in the data directory.
+        #[arg(long, env = "TWINROOT_DATABASE_URL", hide_env_values = true)]
         database: Option<String>,
+        /// admin (every call) or viewer (reads only).
         #[arg(long)]
         role: Role,
+        /// A label for `token list`.
         #[arg(long, default_value = "cli")]
         name: String,
     },
@@ -175,6 +190,7 @@ enum TokenCommand {
     List {
         #[command(flatten)]
         db: LocalDb,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -182,6 +198,7 @@ enum TokenCommand {
     Revoke {
         #[command(flatten)]
         db: LocalDb,
+        /// The token id shown by `token list`.
         id: i64,
     },
 }
@@ -189,9 +206,11 @@ enum TokenCommand {
 /// Direct access to a server's database (the token subcommands).
 #[derive(Args)]
 struct LocalDb {
+    /// The server's data directory.
     #[arg(long)]
     data_dir: PathBuf,
-    #[arg(long, env = "TWINROOT_DATABASE_URL")]
+    /// The server's database URL, when it is not SQLite in the data directory.
+    #[arg(long, env = "TWINROOT_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
 }
 
@@ -200,12 +219,13 @@ struct Conn {
     /// Server base URL.
     #[arg(long, env = "TWINROOT_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
-    /// Bearer token.
+    /// Bearer token (from `token create`; its value is never shown in help).
     #[arg(
         long,
         env = "TWINROOT_TOKEN",
         default_value = "",
-        hide_default_value = true
+        hide_default_value = true,
+        hide_env_values = true
     )]
     token: String,
 }
@@ -222,12 +242,14 @@ enum ReleaseCommand {
     Upload {
         #[command(flatten)]
         conn: Conn,
+        /// A bundle built and signed by image-tools.
         file: PathBuf,
     },
     /// List releases.
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -235,7 +257,9 @@ enum ReleaseCommand {
     Promote {
         #[command(flatten)]
         conn: Conn,
+        /// The release version (as uploaded).
         version: String,
+        /// The channel to serve it on.
         #[arg(long)]
         channel: String,
         /// Skip the channel order.
@@ -249,6 +273,7 @@ struct PolicyArgs {
     /// The whole policy as JSON (overrides the other flags).
     #[arg(long)]
     policy_json: Option<String>,
+    /// Share of hosts eligible at the start, 0-100 (default 100).
     #[arg(long)]
     start_percent: Option<f64>,
     /// Linear ramp from start_percent to 100 over this many seconds.
@@ -257,19 +282,25 @@ struct PolicyArgs {
     /// Steps "SECS:PERCENT,SECS:PERCENT".
     #[arg(long)]
     steps: Option<String>,
+    /// Rate limit: at most this many new grants per --period-secs.
     #[arg(long)]
     max_grants: Option<u64>,
+    /// Rate limit period in seconds (with --max-grants).
     #[arg(long)]
     period_secs: Option<i64>,
+    /// At most this many hosts granted but not finished at once.
     #[arg(long)]
     max_in_flight: Option<u64>,
+    /// Seconds after which an unfinished grant stops counting as in flight (default 7200).
     #[arg(long)]
     in_flight_timeout_secs: Option<i64>,
     /// Maintenance window "DAYS@HH:MM+MINUTES@TIMEZONE" (repeatable).
     #[arg(long = "window")]
     windows: Vec<String>,
+    /// Automatic halt: pause when more than this share of reported outcomes are failures.
     #[arg(long)]
     halt_failure_percent: Option<f64>,
+    /// Automatic halt: judge only once this many hosts reported an outcome.
     #[arg(long)]
     halt_min_reports: Option<u64>,
     /// Serve this release instead of the channel's (may be a downgrade).
@@ -282,7 +313,9 @@ struct PolicyArgs {
 struct RolloutTarget {
     #[command(flatten)]
     conn: Conn,
+    /// The channel (alpha, beta, stable or one created).
     channel: String,
+    /// A group's override inside the channel instead of the channel's own rollout.
     #[arg(long)]
     group: Option<String>,
 }
@@ -296,19 +329,24 @@ enum RolloutCommand {
         #[command(flatten)]
         policy: PolicyArgs,
     },
+    /// Stop granting the channel's release (hosts already granted finish).
     Pause {
         #[command(flatten)]
         target: RolloutTarget,
+        /// Recorded in the activity log and shown with the rollout.
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Grant again after a pause or an automatic halt.
     Resume {
         #[command(flatten)]
         target: RolloutTarget,
     },
+    /// The rollout's release, current percentage, pause state and policy.
     Show {
         #[command(flatten)]
         target: RolloutTarget,
+        /// Print the API's JSON instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -163,6 +163,96 @@ impl RolloutPolicy {
     }
 }
 
+impl RolloutPolicy {
+    /// The policy as labelled lines an operator reads (`rollout show`), in the order the rules
+    /// apply: who is eligible, how fast grants go out, when, and what stops them.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let pct = |p: f64| format!("{p}%");
+        let ramp = match &self.ramp {
+            Ramp::None => "none".into(),
+            Ramp::Linear { duration_secs } => format!(
+                "linear from {} to 100% over {}",
+                pct(self.start_percent),
+                duration_text(*duration_secs)
+            ),
+            Ramp::Steps { steps } => steps
+                .iter()
+                .map(|s| format!("{} after {}", pct(s.percent), duration_text(s.after_secs)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let mut lines = vec![("start", pct(self.start_percent)), ("ramp", ramp)];
+        lines.push((
+            "rate limit",
+            self.rate_limit.as_ref().map_or("none".into(), |r| {
+                format!(
+                    "at most {} grants per {}",
+                    r.max_grants,
+                    duration_text(r.period_secs)
+                )
+            }),
+        ));
+        lines.push((
+            "in flight",
+            format!(
+                "{} (a grant stops counting after {})",
+                self.max_in_flight
+                    .map_or("no limit".into(), |n| format!("at most {n}")),
+                duration_text(self.in_flight_timeout_secs)
+            ),
+        ));
+        lines.push((
+            "windows",
+            if self.windows.is_empty() {
+                "always open".into()
+            } else {
+                self.windows
+                    .iter()
+                    .map(|w| {
+                        format!(
+                            "{} {} for {} ({})",
+                            w.days.join(","),
+                            w.start,
+                            duration_text(i64::from(w.length_minutes) * 60),
+                            w.time_zone
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        ));
+        lines.push((
+            "halt",
+            self.halt.as_ref().map_or("never".into(), |h| {
+                format!(
+                    "above {} failures, once {} hosts reported",
+                    pct(h.max_failure_percent),
+                    h.min_reports
+                )
+            }),
+        ));
+        lines.push(("pin", self.pin.clone().unwrap_or_else(|| "none".into())));
+        lines
+    }
+}
+
+/// Seconds as an operator writes them: "90s", "45m", "2h", "1h30m", "7d".
+pub fn duration_text(secs: i64) -> String {
+    if secs <= 0 {
+        return format!("{secs}s");
+    }
+    let parts = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut left = secs;
+    let mut out = String::new();
+    for (unit, name) in parts {
+        if left >= unit {
+            out += &format!("{}{name}", left / unit);
+            left %= unit;
+        }
+    }
+    out
+}
+
 struct ParsedWindow {
     days: Vec<Weekday>,
     start: NaiveTime,
@@ -806,5 +896,87 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<RolloutPolicy>(r#"{"start_percnt":5}"#).is_err());
+    }
+
+    #[test]
+    fn describe_reads_like_the_flags_that_set_it() {
+        assert_eq!(duration_text(90), "1m30s");
+        assert_eq!(duration_text(7200), "2h");
+        assert_eq!(duration_text(7 * 86_400 + 60), "7d1m");
+        assert_eq!(duration_text(0), "0s");
+        let p = RolloutPolicy {
+            start_percent: 25.0,
+            ramp: Ramp::Steps {
+                steps: vec![
+                    Step {
+                        after_secs: 3600,
+                        percent: 50.0,
+                    },
+                    Step {
+                        after_secs: 7200,
+                        percent: 100.0,
+                    },
+                ],
+            },
+            rate_limit: Some(RateLimit {
+                max_grants: 50,
+                period_secs: 600,
+            }),
+            max_in_flight: Some(10),
+            in_flight_timeout_secs: 7200,
+            windows: vec![MaintenanceWindow {
+                days: vec!["mon".into(), "tue".into()],
+                start: "02:00".into(),
+                length_minutes: 120,
+                time_zone: "Europe/Berlin".into(),
+            }],
+            halt: Some(HaltRule {
+                max_failure_percent: 10.0,
+                min_reports: 5,
+            }),
+            pin: Some("1.0.0".into()),
+        };
+        let text: Vec<String> = p
+            .describe()
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "start: 25%",
+                "ramp: 50% after 1h, 100% after 2h",
+                "rate limit: at most 50 grants per 10m",
+                "in flight: at most 10 (a grant stops counting after 2h)",
+                "windows: mon,tue 02:00 for 2h (Europe/Berlin)",
+                "halt: above 10% failures, once 5 hosts reported",
+                "pin: 1.0.0",
+            ]
+        );
+        let d: Vec<String> = RolloutPolicy::default()
+            .describe()
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                "start: 100%",
+                "ramp: none",
+                "rate limit: none",
+                "in flight: no limit (a grant stops counting after 2h)",
+                "windows: always open",
+                "halt: never",
+                "pin: none",
+            ]
+        );
+        let linear = RolloutPolicy {
+            start_percent: 5.0,
+            ramp: Ramp::Linear {
+                duration_secs: 86_400,
+            },
+            ..RolloutPolicy::default()
+        };
+        assert_eq!(linear.describe()[1].1, "linear from 5% to 100% over 1d");
     }
 }

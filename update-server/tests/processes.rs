@@ -449,6 +449,27 @@ async fn cli_subcommands_drive_the_api() {
         ),
         Step(Admin, &["rollout", "show", "stable"], &[]),
         Step(Admin, &["rollout", "resume", "stable"], &[]),
+        // Group names reach the server as typed, spaces and slashes included.
+        Step(
+            Admin,
+            &[
+                "rollout",
+                "set",
+                "stable",
+                "--group",
+                "rack 7/a&b",
+                "--start-percent",
+                "50",
+                "--ramp-secs",
+                "86400",
+            ],
+            &[],
+        ),
+        Step(
+            Viewer,
+            &["rollout", "show", "stable", "--group", "rack 7/a&b"],
+            &[],
+        ),
         Step(Viewer, &["rollout", "pause", "stable"], &["403"]),
         Step(
             Admin,
@@ -467,6 +488,7 @@ async fn cli_subcommands_drive_the_api() {
             &["422", "\"Edge!\""],
         ),
         Step(Viewer, &["activity"], &[]),
+        Step(Admin, &["rollout", "set", "--help"], &[]),
     ];
     let (url2, token2, viewer2) = (url.clone(), token.clone(), viewer.clone());
     let out = tokio::task::spawn_blocking(move || {
@@ -494,7 +516,32 @@ async fn cli_subcommands_drive_the_api() {
     assert!(out.contains("5.0.0    -"), "{out}");
     assert!(out.contains("5.0.0    alpha"), "{out}");
     assert!(out.contains("PAUSED (cli test)"), "{out}");
-    assert!(out.contains("\"max_in_flight\":10"), "{out}");
+    // Help names the token's variable but never shows its value (nor any other output).
+    assert!(out.contains("[env: TWINROOT_TOKEN]"), "{out}");
+    assert!(!out.contains(&token) && !out.contains(&viewer), "{out}");
+    let help = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .args(["serve", "--help"])
+        .env(
+            "TWINROOT_DATABASE_URL",
+            "postgres://fleet:hunter2@db/twinroot",
+        )
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("[env: TWINROOT_DATABASE_URL]"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+    // `rollout show` reads like the flags that set the policy.
+    for line in [
+        "  start:      25%",
+        "  ramp:       50% after 1h, 100% after 2h",
+        "  in flight:  at most 10 (a grant stops counting after 2h)",
+        "  windows:    mon,tue 02:00 for 2h (Europe/Berlin)",
+        "  halt:       above 10% failures, once 5 hosts reported",
+        "rollout stable group rack 7/a&b: release 5.0.0",
+        "  ramp:       linear from 50% to 100% over 1d",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
     assert!(out.contains("release_promoted"), "{out}");
     assert!(out.contains("channel edge created after stable"), "{out}");
     assert!(out.contains("\nedge "), "{out}");
