@@ -19,7 +19,10 @@ use tokio::io::AsyncWriteExt;
 use crate::policy::{self, RolloutPolicy};
 use crate::release::{self, UploadDigests};
 use crate::server::{MAX_JSON_BODY, Shared, json_error};
-use crate::store::{self, LIFT_QUARANTINE_SECS, LiftRow, ReleaseRow, Role, Store, TokenRole};
+use crate::store::{
+    self, INSTANCE_PAGE_MAX, InstanceFilter, LIFT_QUARANTINE_SECS, LiftRow, ReleaseRow, Role,
+    STATUSES, Store, TokenRole,
+};
 
 /// SHA-256 hex of a token, the form it is stored in.
 pub fn hash_token(token: &str) -> String {
@@ -658,20 +661,55 @@ struct InstanceQuery {
     channel: Option<String>,
     version: Option<String>,
     group: Option<String>,
+    status: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
 }
 
+/// Hosts, filtered and paged. A full page carries `X-Next-After`: the machine id to pass as
+/// `after` for the next page.
 async fn list_instances(State(s): State<Shared>, Query(q): Query<InstanceQuery>) -> ApiResult {
-    ok_json(
-        &s.store
-            .instances(
-                q.channel.as_deref(),
-                q.version.as_deref(),
-                q.group.as_deref(),
-            )
-            .await
-            .or_500()?,
-    )
+    let limit = q.limit.unwrap_or(INSTANCE_PAGE_MAX);
+    if !(1..=INSTANCE_PAGE_MAX).contains(&limit) {
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("limit must be between 1 and {INSTANCE_PAGE_MAX}, got {limit}"),
+        ));
+    }
+    if let Some(status) = q.status.as_deref()
+        && !STATUSES.contains(&status)
+    {
+        return Err(json_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "status {status:?} is not a host status; use one of {}",
+                STATUSES.join(", ")
+            ),
+        ));
+    }
+    let filter = InstanceFilter {
+        channel: q.channel.as_deref(),
+        version: q.version.as_deref(),
+        group: q.group.as_deref(),
+        status: q.status.as_deref(),
+        after: q.after.as_deref(),
+        limit,
+    };
+    let hosts = s.store.instances(&filter).await.or_500()?;
+    let next = (hosts.len() == limit as usize)
+        .then(|| hosts.last().map(|h| h.machine_id.clone()))
+        .flatten();
+    let mut response = ok_json(&hosts)?;
+    if let Some(next) = next
+        && let Ok(value) = header::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert(NEXT_AFTER, value);
+    }
+    Ok(response)
 }
+
+/// Response header of a full `instances` page: the `after` of the next page.
+pub const NEXT_AFTER: &str = "x-next-after";
 
 async fn instance_history(State(s): State<Shared>, Path(machine_id): Path<String>) -> ApiResult {
     ok_json(&s.store.history(&machine_id).await.or_500()?)

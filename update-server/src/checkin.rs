@@ -560,8 +560,12 @@ pub async fn handle(
             continue;
         }
         let machine_id = app.machine_id.as_deref().unwrap_or("").trim();
-        if machine_id.is_empty() || machine_id.len() > 256 {
-            // Nothing to record without a machine id; answer politely.
+        if machine_id.is_empty()
+            || machine_id.len() > 256
+            || machine_id.chars().any(char::is_control)
+        {
+            // Nothing to record without a usable machine id (one with control characters
+            // could not be shown, paged or typed back); answer politely.
             if app.update_check.is_some() {
                 out.update_check = Some(UpdateCheckResponse::NoUpdate);
             }

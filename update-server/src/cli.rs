@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::policy::{HaltRule, MaintenanceWindow, Ramp, RateLimit, RolloutPolicy, Step};
 use crate::server::{self, ServerConfig};
-use crate::store::{Role, Store};
+use crate::store::{InstanceFilter, Role, Store};
 
 /// `update-server serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
@@ -127,37 +127,25 @@ impl Client {
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }
-}
 
-/// An API path from its segments and query, each percent-encoded: names typed by an operator
-/// (a group "rack 7/a", a machine id with `?`) reach the server as they were typed.
-pub fn api_path(segments: &[&str], query: &[(&str, Option<&str>)]) -> String {
-    let mut url = reqwest::Url::parse("http://api.invalid/").expect("static URL");
-    url.path_segments_mut()
-        .expect("http URLs have a path")
-        .pop_if_empty()
-        .extend(segments);
-    let pairs: Vec<_> = query
-        .iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
-        .collect();
-    if !pairs.is_empty() {
-        url.query_pairs_mut().extend_pairs(pairs);
-    }
-    match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    }
-}
-
-impl Client {
     async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value> {
+        Ok(self.exchange(req, what).await?.0)
+    }
+
+    /// Sends a request: the JSON answer and the response headers, or an error naming `what`
+    /// and the server's message.
+    async fn exchange(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<(Value, reqwest::header::HeaderMap)> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
             .with_context(|| format!("{what}: cannot reach {}", self.base))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
         if !status.is_success() {
@@ -168,11 +156,21 @@ impl Client {
                 .unwrap_or(body);
             bail!("{what}: server answered {status}: {msg}");
         }
-        Ok(value)
+        Ok((value, headers))
     }
 
     pub async fn get(&self, path: &str, what: &str) -> Result<Value> {
         self.send(self.http.get(self.url(path)), what).await
+    }
+
+    /// A GET of a paged list: the page and, when it was full, where the next one starts.
+    pub async fn get_page(&self, path: &str, what: &str) -> Result<(Value, Option<String>)> {
+        let (v, headers) = self.exchange(self.http.get(self.url(path)), what).await?;
+        let next = headers
+            .get(crate::api::NEXT_AFTER)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
+        Ok((v, next))
     }
 
     pub async fn post(&self, path: &str, body: &Value, what: &str) -> Result<Value> {
@@ -200,6 +198,27 @@ impl Client {
             &format!("upload {}", file.display()),
         )
         .await
+    }
+}
+
+/// An API path from its segments and query, each percent-encoded: names typed by an operator
+/// (a group "rack 7/a", a machine id with `?`) reach the server as they were typed.
+pub fn api_path(segments: &[&str], query: &[(&str, Option<&str>)]) -> String {
+    let mut url = reqwest::Url::parse("http://api.invalid/").expect("static URL");
+    url.path_segments_mut()
+        .expect("http URLs have a path")
+        .pop_if_empty()
+        .extend(segments);
+    let pairs: Vec<_> = query
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+    if !pairs.is_empty() {
+        url.query_pairs_mut().extend_pairs(pairs);
+    }
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
     }
 }
 
@@ -503,21 +522,32 @@ fn print_rollout(v: &Value) {
     }
 }
 
-pub async fn instances(
-    c: &Client,
-    channel: Option<&str>,
-    version: Option<&str>,
-    json: bool,
-) -> Result<()> {
+pub async fn instances(c: &Client, f: &InstanceFilter<'_>, json: bool) -> Result<()> {
+    let limit = f.limit.to_string();
     let path = api_path(
         &["instances"],
-        &[("channel", channel), ("version", version)],
+        &[
+            ("channel", f.channel),
+            ("version", f.version),
+            ("group", f.group),
+            ("status", f.status),
+            ("after", f.after),
+            ("limit", Some(&limit)),
+        ],
     );
-    let v = c.get(&path, "list instances").await?;
+    let (v, next) = c.get_page(&path, "list instances").await?;
     if json {
         print_json(&v);
     } else {
-        let rows = v.as_array().cloned().unwrap_or_default();
+        let mut rows = v.as_array().cloned().unwrap_or_default();
+        for r in &mut rows {
+            let seen = r
+                .get("last_seen")
+                .and_then(Value::as_i64)
+                .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+            r["last_seen"] = seen.map_or(Value::Null, Value::String);
+        }
         print_table(
             &rows,
             &[
@@ -528,8 +558,12 @@ pub async fn instances(
                 "status",
                 "target_version",
                 "error_code",
+                "last_seen",
             ],
         );
+    }
+    if let Some(next) = next {
+        eprintln!("more hosts follow: run again with --after '{next}'");
     }
     Ok(())
 }

@@ -61,6 +61,19 @@ enum Command {
         /// Only hosts running this version.
         #[arg(long)]
         version: Option<String>,
+        /// Only hosts in this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only hosts with this status (idle, granted, downloading, downloaded, installed,
+        /// complete, error, rolled_back, deferred).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many hosts, in machine id order (a full page says how to get the next).
+        #[arg(long, default_value_t = update_server::store::INSTANCE_PAGE_MAX)]
+        limit: u32,
+        /// Start after this machine id (the last one of the previous page).
+        #[arg(long)]
+        after: Option<String>,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -465,15 +478,21 @@ async fn run(cli: Cli) -> Result<()> {
             conn,
             channel,
             version,
+            group,
+            status,
+            limit,
+            after,
             json,
         } => {
-            cli::instances(
-                &conn.client()?,
-                channel.as_deref(),
-                version.as_deref(),
-                json,
-            )
-            .await
+            let filter = update_server::store::InstanceFilter {
+                channel: channel.as_deref(),
+                version: version.as_deref(),
+                group: group.as_deref(),
+                status: status.as_deref(),
+                after: after.as_deref(),
+                limit,
+            };
+            cli::instances(&conn.client()?, &filter, json).await
         }
         Command::Activity { conn, limit, json } => {
             cli::activity(&conn.client()?, limit, json).await

@@ -491,6 +491,34 @@ async fn release_where<'c, E: sqlx::Executor<'c, Database = Any>>(
     Ok(row.as_ref().map(release_from_row).transpose()?)
 }
 
+/// Every status a host record can have (see docs/SERVER.md).
+pub const STATUSES: [&str; 9] = [
+    "idle",
+    "granted",
+    "downloading",
+    "downloaded",
+    "installed",
+    "complete",
+    "error",
+    "rolled_back",
+    "deferred",
+];
+
+/// Most hosts one `instances` call returns (and its default page size).
+pub const INSTANCE_PAGE_MAX: u32 = 100_000;
+
+/// Which hosts `Store::instances` lists: each filter that is set must match; the page starts
+/// after the machine id `after` (the last one of the previous page) and holds at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceFilter<'a> {
+    pub channel: Option<&'a str>,
+    pub version: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub limit: u32,
+}
+
 const INSTANCE_COLUMNS: &str = "machine_id, app_id, channel, grp, rollout_grp, version, board, boot_id, status, error_code, target_version, granted_at, outcome, outcome_version, outcome_at, failed_version, first_seen, last_seen, checkins";
 
 impl Store {
@@ -1112,18 +1140,17 @@ impl Store {
         Ok(())
     }
 
-    pub async fn instances(
-        &self,
-        channel: Option<&str>,
-        version: Option<&str>,
-        group: Option<&str>,
-    ) -> Result<Vec<InstanceRow>> {
+    /// One page of hosts matching `f`, in machine id order.
+    pub async fn instances(&self, f: &InstanceFilter<'_>) -> Result<Vec<InstanceRow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ($1 = '' OR channel = $1) AND ($2 = '' OR version = $2) AND ($3 = '' OR grp = $3) ORDER BY machine_id LIMIT 100000"
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ($1 = '' OR channel = $1) AND ($2 = '' OR version = $2) AND ($3 = '' OR grp = $3) AND ($4 = '' OR status = $4) AND machine_id > $5 ORDER BY machine_id LIMIT $6"
         )))
-        .bind(channel.unwrap_or(""))
-        .bind(version.unwrap_or(""))
-        .bind(group.unwrap_or(""))
+        .bind(f.channel.unwrap_or(""))
+        .bind(f.version.unwrap_or(""))
+        .bind(f.group.unwrap_or(""))
+        .bind(f.status.unwrap_or(""))
+        .bind(f.after.unwrap_or(""))
+        .bind(i64::from(f.limit))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -551,6 +551,12 @@ async fn cli_subcommands_drive_the_api() {
         &ue_request("cli-host", "1.0.0", "stable", vec![]),
     )
     .await;
+    omaha_post(
+        &update_server::http_client(),
+        &url,
+        &ue_request("rack 7/host", "1.0.0", "stable", vec![]),
+    )
+    .await;
     let (url3, token3) = (url.clone(), token.clone());
     let listed = tokio::task::spawn_blocking(move || {
         (
@@ -566,13 +572,48 @@ async fn cli_subcommands_drive_the_api() {
                 &token3,
                 &["instances", "lift-quarantine", "nobody", "5.0.0"],
             ),
+            run_cli(&url3, &token3, &["instances", "--limit", "1"]),
+            cli(&url3, &token3, &["instances", "--after", "cli-host"]),
+            cli_fails(&url3, &token3, &["instances", "--status", "bogus"]),
+            cli(
+                &url3,
+                &token3,
+                &["instances", "lift-quarantine", "rack 7/host", "5.0.0"],
+            ),
         )
     })
     .await
     .unwrap();
     assert!(listed.0.contains("cli-host"), "{}", listed.0);
+    assert!(listed.0.contains("LAST_SEEN"), "{}", listed.0);
     let v: Value = serde_json::from_str(&listed.1).unwrap();
     assert_eq!(v[0]["machine_id"], "cli-host");
+    // Pages: a full page says where the next one starts; names with '/' and ' ' go as typed.
+    let (ok, first, hint) = &listed.4;
+    assert!(*ok, "{hint}");
+    assert!(
+        first.contains("cli-host") && !first.contains("rack 7/host"),
+        "{first}"
+    );
+    assert!(
+        hint.contains("more hosts follow: run again with --after 'cli-host'"),
+        "{hint}"
+    );
+    assert!(
+        listed.5.contains("rack 7/host") && !listed.5.contains("cli-host"),
+        "{}",
+        listed.5
+    );
+    assert!(
+        listed.6.contains("422") && listed.6.contains("\"bogus\" is not a host status"),
+        "{}",
+        listed.6
+    );
+    assert!(
+        listed.7.contains("lifted for host rack 7/host"),
+        "{}",
+        listed.7
+    );
     assert!(
         listed
             .2

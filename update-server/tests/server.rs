@@ -1264,3 +1264,86 @@ async fn cached_hosts_bound_what_is_answered_from_memory() {
         s.stop().await;
     }
 }
+
+#[tokio::test]
+async fn instances_filter_by_status_and_come_in_pages() {
+    let s = TestServer::start().await;
+    s.release_on("2.0.0", "stable").await;
+    for i in 0..25 {
+        let id = format!("h{i:02}");
+        let r = s.omaha(&ue_request(&id, "1.0.0", "stable", vec![])).await;
+        assert!(!is_noupdate(&r), "{id} is granted (100%, no limits)");
+        if i % 5 == 0 {
+            report_failure(&s, &id, 7).await;
+        }
+    }
+    // A machine id with a control character is answered but not recorded.
+    let r = s
+        .omaha(&ue_request("bad\u{7}id", "1.0.0", "stable", vec![]))
+        .await;
+    assert!(is_noupdate(&r));
+
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["machine_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let failed = s.get("/api/v1/instances?status=error").await;
+    assert_eq!(ids(&failed), ["h00", "h05", "h10", "h15", "h20"]);
+    let granted = s
+        .get("/api/v1/instances?status=granted&channel=stable")
+        .await;
+    assert_eq!(ids(&granted).len(), 20);
+    let all = ids(&s.get("/api/v1/instances").await);
+    assert_eq!(all.len(), 25, "{all:?}");
+
+    // Pages of 10: the full ones name the next page's start; together they are the whole list.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = format!("{}/api/v1/instances?limit=10", s.url);
+        if let Some(a) = &after {
+            url += &format!("&after={a}");
+        }
+        let resp = s.http.get(url).bearer_auth(&s.viewer).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let next = resp
+            .headers()
+            .get("x-next-after")
+            .map(|h| h.to_str().unwrap().to_string());
+        let page: serde_json::Value = resp.json().await.unwrap();
+        pages += 1;
+        assert_eq!(next.is_some(), ids(&page).len() == 10, "page {pages}");
+        paged.extend(ids(&page));
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(paged, all);
+
+    for (query, says) in [
+        ("limit=0", "limit must be between 1 and 100000, got 0"),
+        ("limit=100001", "got 100001"),
+        (
+            "status=broken",
+            "status \"broken\" is not a host status; use one of idle, granted",
+        ),
+    ] {
+        let (status, v) = s
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/instances?{query}"),
+                Some(&s.viewer),
+                None,
+            )
+            .await;
+        assert_eq!(status, 422, "{query}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{query}: {v}");
+    }
+    s.stop().await;
+}
