@@ -180,6 +180,11 @@ struct ServeArgs {
     /// Base URL of the FleetLock reboot coordinator the fleet uses (shown on the dashboard).
     #[arg(long, value_parser = update_server::server::parse_coordinator_url)]
     coordinator: Option<reqwest::Url>,
+    /// Days of host status history kept (server time); older rows are deleted every hour.
+    /// Charts and failure windows reaching further back see only what is kept. 0 keeps
+    /// everything.
+    #[arg(long, default_value_t = update_server::server::DEFAULT_HISTORY_DAYS)]
+    history_days: u32,
 }
 
 #[derive(Subcommand)]
@@ -395,6 +400,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.seen_delay = std::time::Duration::from_millis(a.seen_delay_ms);
             cfg.cached_hosts = a.cached_hosts;
             cfg.coordinator = a.coordinator;
+            cfg.history_days = a.history_days;
             cli::serve(a.listen, cfg).await
         }
         Command::Token {

@@ -142,6 +142,11 @@ async fn render(s: &AppState) -> Result<String> {
             "App check-ins this process answered from its in-memory view, without its check-in writer (held hosts that only checked in; see docs/SERVER.md).",
             &c.from_memory,
         ),
+        (
+            "twinroot_history_rows_pruned_total",
+            "Status history rows this process deleted because they were older than --history-days.",
+            &c.history_pruned,
+        ),
     ] {
         let _ = writeln!(
             out,

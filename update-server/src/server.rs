@@ -54,7 +54,16 @@ pub struct ServerConfig {
     /// Base URL of the FleetLock reboot coordinator the fleet uses, if any (shown on the
     /// dashboard).
     pub coordinator: Option<reqwest::Url>,
+    /// Days of status history kept (server time); older rows are deleted every hour. 0 keeps
+    /// everything.
+    pub history_days: u32,
 }
+
+/// Default of `serve --history-days`: three times the dashboard's longest range (30 days).
+pub const DEFAULT_HISTORY_DAYS: u32 = 90;
+
+/// Rows deleted per statement when pruning history.
+const PRUNE_CHUNK: i64 = 5_000;
 
 /// Parses `--coordinator`: an http(s) base URL.
 pub fn parse_coordinator_url(s: &str) -> Result<reqwest::Url, String> {
@@ -82,6 +91,7 @@ impl ServerConfig {
             seen_delay: crate::seen::DEFAULT_DELAY,
             cached_hosts: crate::fast::DEFAULT_CACHED_HOSTS,
             coordinator: None,
+            history_days: DEFAULT_HISTORY_DAYS,
         }
     }
 
@@ -105,6 +115,8 @@ pub struct Counters {
     pub halts: AtomicU64,
     /// App check-ins answered on the HTTP threads without the check-in writer.
     pub from_memory: AtomicU64,
+    /// Status history rows deleted by `--history-days`.
+    pub history_pruned: AtomicU64,
     /// Update checks answered `noupdate`, by reason.
     pub holds: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -208,6 +220,7 @@ pub fn router(state: Shared) -> Router {
 /// Serves until `shutdown` is cancelled.
 pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationToken) -> Result<()> {
     crate::dashboard::end_streams_on(&state, shutdown.clone());
+    tokio::spawn(prune_history(state.clone(), shutdown.clone()));
     let app = router(state);
     axum::serve(
         listener,
@@ -216,6 +229,40 @@ pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationTok
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await
     .context("HTTP server failed")
+}
+
+/// Keeps `--history-days` of status history: prunes at start and then every hour of server
+/// time (sooner in real time under `--time-scale`) until `shutdown`. A failed pass is logged
+/// and retried at the next one.
+async fn prune_history(state: Shared, shutdown: CancellationToken) {
+    let days = state.config.history_days;
+    if days == 0 {
+        return;
+    }
+    let every =
+        std::time::Duration::from_secs_f64((3600.0 / state.clock.scale()).clamp(0.05, 3600.0));
+    loop {
+        let before = state.now() - i64::from(days) * 86_400;
+        match state.store.prune_history(before, PRUNE_CHUNK).await {
+            Ok(0) => {}
+            Ok(n) => {
+                state
+                    .counters
+                    .history_pruned
+                    .fetch_add(n, Ordering::Relaxed);
+                tracing::info!(
+                    rows = n,
+                    days,
+                    "pruned status history older than the retention"
+                );
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "pruning status history failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// `ok` while check-ins can be recorded; 503 once the check-in writer has ended (a stop, or a

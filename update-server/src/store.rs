@@ -1159,6 +1159,26 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
+    /// Deletes status history recorded before `before` (Unix seconds), `chunk` rows per
+    /// statement so no single write holds the database for long; the rows deleted.
+    pub async fn prune_history(&self, before: i64, chunk: i64) -> Result<u64> {
+        let mut deleted = 0;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history WHERE at < $1 ORDER BY id LIMIT $2)",
+            )
+            .bind(before)
+            .bind(chunk)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted += n;
+            if n < chunk as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
     pub async fn history(&self, machine_id: &str) -> Result<Vec<HistoryRow>> {
         let rows = sqlx::query(
             "SELECT * FROM status_history WHERE machine_id = $1 ORDER BY at, id LIMIT 10000",

@@ -1347,3 +1347,55 @@ async fn instances_filter_by_status_and_come_in_pages() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn status_history_older_than_the_retention_is_pruned() {
+    history_older_than_the_retention_is_pruned(None).await;
+}
+
+#[tokio::test]
+async fn status_history_older_than_the_retention_is_pruned_on_postgres() {
+    let pg = common::postgres::Postgres::start().await;
+    history_older_than_the_retention_is_pruned(Some(pg.url.clone())).await;
+}
+
+async fn history_older_than_the_retention_is_pruned(database: Option<String>) {
+    // One virtual day per real second; three days of history kept.
+    let s = TestServer::start_with(|c| {
+        c.time_scale = 86_400.0;
+        c.history_days = 3;
+        c.database_url = database;
+    })
+    .await;
+    s.release_on("2.0.0", "stable").await;
+    let history = |id: &'static str| {
+        let s = &s;
+        async move {
+            s.get(&format!("/api/v1/instances/{id}/history"))
+                .await
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    report_failure(&s, "old", 7).await;
+    assert!(history("old").await > 0);
+    wait_for(60, "history older than 3 days to be pruned", || async {
+        (history("old").await == 0).then_some(())
+    })
+    .await;
+    // The host's record stays; history younger than the retention stays too.
+    let failed = s.get("/api/v1/instances?status=error").await;
+    assert_eq!(failed[0]["machine_id"], "old");
+    report_failure(&s, "new", 7).await;
+    assert!(history("new").await > 0);
+    let (_, metrics) = s.get_text("/metrics").await;
+    let pruned: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("twinroot_history_rows_pruned_total "))
+        .expect("pruned counter")
+        .parse()
+        .unwrap();
+    assert!(pruned > 0, "{metrics}");
+    s.stop().await;
+}
