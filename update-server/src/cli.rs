@@ -36,6 +36,22 @@ pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
     result
 }
 
+/// `update-server backup`: a consistent copy of the SQLite database, while servers run.
+pub fn backup(data_dir: &Path, database: Option<String>, to: &Path) -> Result<()> {
+    let mut cfg = ServerConfig::new(data_dir.to_path_buf());
+    cfg.database_url = database;
+    let b = crate::backup::sqlite_backup(&cfg.database_url(), to)?;
+    println!(
+        "backed up {} hosts and {} releases to {} ({} bytes); release bundles stay in {}",
+        b.hosts,
+        b.releases,
+        b.path.display(),
+        b.bytes,
+        data_dir.join("blobs").display()
+    );
+    Ok(())
+}
+
 /// `update-server token create`: prints a new token.
 pub async fn token_create(
     data_dir: &Path,

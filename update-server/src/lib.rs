@@ -4,9 +4,11 @@
 //! Codemap: [`policy`] (pure rollout decision), [`store`] (SQLite/PostgreSQL), [`checkin`]
 //! (Omaha endpoint logic), [`clock`] (the server clock, optionally sped up), [`server`] (HTTP
 //! wiring), [`api`] (admin REST), [`payload`] (Range/ETag downloads), [`release`] (bundle
-//! verification and blob storage), [`metrics`], [`cli`] (the client subcommands).
+//! verification and blob storage), [`metrics`], [`cli`] (the client subcommands), [`backup`]
+//! (consistent SQLite copies while serving).
 
 pub mod api;
+pub mod backup;
 pub mod checkin;
 pub mod cli;
 pub mod clock;

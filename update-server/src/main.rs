@@ -29,6 +29,14 @@ struct Cli {
 enum Command {
     /// Serve the Omaha endpoint, payloads, admin API and metrics.
     Serve(ServeArgs),
+    /// Copy the SQLite database consistently while servers run (PostgreSQL: use pg_dump).
+    Backup {
+        #[command(flatten)]
+        db: LocalDb,
+        /// The file to write (it must not exist yet).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Manage admin API tokens (direct database access).
     Token {
         #[command(subcommand)]
@@ -403,6 +411,7 @@ async fn run(cli: Cli) -> Result<()> {
             cfg.history_days = a.history_days;
             cli::serve(a.listen, cfg).await
         }
+        Command::Backup { db, to } => cli::backup(&db.data_dir, db.database, &to),
         Command::Token {
             command:
                 TokenCommand::Create {

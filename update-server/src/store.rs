@@ -1366,7 +1366,7 @@ impl Store {
 }
 
 /// The file of a `sqlite:` URL (`sqlite://PATH?mode=rwc`, `sqlite:PATH`).
-fn sqlite_file(url: &str) -> Result<std::path::PathBuf> {
+pub(crate) fn sqlite_file(url: &str) -> Result<std::path::PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))

@@ -896,3 +896,109 @@ async fn revoked_tokens_are_refused_on(database: Option<&str>) {
     assert!(!ok && err.contains("token 999 does not exist"), "{err}");
     p.terminate();
 }
+
+/// `update-server backup ARGS` through the binary: (success, stdout, stderr).
+fn backup(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_update-server"))
+        .arg("backup")
+        .args(args)
+        .env_remove("TWINROOT_DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn backup_while_serving_restores_every_host_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let signer = signer(dir.path(), "k");
+    let token = create_token(&data, None, "admin");
+    let mut p = ServerProcess::spawn(&data, None, Some(&signer.keyring_path));
+    p.wait_ready().await;
+    let http = update_server::http_client();
+    let (status, v) = upload(&http, &p.url, bundle(&signer, "2.0.0"), &token).await;
+    assert_eq!(status, 201, "{v}");
+    // New hosts are committed before their answers.
+    for i in 0..30 {
+        omaha_post(
+            &http,
+            &p.url,
+            &ue_request(&format!("b{i:02}"), "1.0.0", "stable", vec![]),
+        )
+        .await;
+    }
+    let data_s = data.to_str().unwrap().to_string();
+    let target = dir.path().join("backup.db");
+    let target_s = target.to_str().unwrap().to_string();
+    let (d, t) = (data_s.clone(), target_s.clone());
+    let runs = tokio::task::spawn_blocking(move || {
+        (
+            backup(&["--data-dir", &d, "--to", &t]),
+            backup(&["--data-dir", &d, "--to", &t]),
+            backup(&[
+                "--data-dir",
+                &d,
+                "--database",
+                "postgres://fleet:hunter2@db/twinroot",
+                "--to",
+                &format!("{t}.pg"),
+            ]),
+        )
+    })
+    .await
+    .unwrap();
+    let (ok, out, err) = &runs.0;
+    assert!(*ok, "{err}");
+    assert!(
+        out.contains("backed up 30 hosts and 1 releases to"),
+        "{out}"
+    );
+    let (ok, _, err) = &runs.1;
+    assert!(!*ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = &runs.2;
+    assert!(
+        !*ok && err.contains("pg_dump") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial") || n.ends_with(".pg"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    p.terminate();
+
+    // With the server stopped too.
+    let after_stop = dir.path().join("after-stop.db");
+    let (d, t) = (data_s.clone(), after_stop.to_str().unwrap().to_string());
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || backup(&["--data-dir", &d, "--to", &t]))
+            .await
+            .unwrap();
+    assert!(ok && out.contains("backed up 30 hosts"), "{out}{err}");
+
+    // Restore: a data dir whose database is the backup serves the same hosts, releases and
+    // tokens.
+    let restored = dir.path().join("restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::copy(&target, restored.join("server.db")).unwrap();
+    let mut r = ServerProcess::spawn(&restored, None, Some(&signer.keyring_path));
+    r.wait_ready().await;
+    let hosts = admin_get(&http, &r.url, &token, "/api/v1/instances").await;
+    let ids: Vec<&str> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["machine_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 30);
+    assert_eq!((ids[0], ids[29]), ("b00", "b29"));
+    let releases = admin_get(&http, &r.url, &token, "/api/v1/releases").await;
+    assert_eq!(releases[0]["version"], "2.0.0");
+    r.terminate();
+}
