@@ -62,8 +62,9 @@ pub struct ServerConfig {
 /// Default of `serve --history-days`: three times the dashboard's longest range (30 days).
 pub const DEFAULT_HISTORY_DAYS: u32 = 90;
 
-/// Rows deleted per statement when pruning history.
+/// Rows deleted per statement when pruning history, and the pause between statements.
 const PRUNE_CHUNK: i64 = 5_000;
+const PRUNE_PAUSE_MS: u64 = 20;
 
 /// Parses `--coordinator`: an http(s) base URL.
 pub fn parse_coordinator_url(s: &str) -> Result<reqwest::Url, String> {
@@ -232,8 +233,10 @@ pub async fn run(listener: TcpListener, state: Shared, shutdown: CancellationTok
 }
 
 /// Keeps `--history-days` of status history: prunes at start and then every hour of server
-/// time (sooner in real time under `--time-scale`) until `shutdown`. A failed pass is logged
-/// and retried at the next one.
+/// time (sooner in real time under `--time-scale`) until `shutdown`. Chunks are deleted with
+/// a pause between them, so even a large backlog (a first start with years of history) leaves
+/// the check-in writer its turns at the database. A failed pass is logged and retried at the
+/// next one.
 async fn prune_history(state: Shared, shutdown: CancellationToken) {
     let days = state.config.history_days;
     if days == 0 {
@@ -241,22 +244,38 @@ async fn prune_history(state: Shared, shutdown: CancellationToken) {
     }
     let every =
         std::time::Duration::from_secs_f64((3600.0 / state.clock.scale()).clamp(0.05, 3600.0));
+    let pause = std::time::Duration::from_millis(PRUNE_PAUSE_MS);
     loop {
         let before = state.now() - i64::from(days) * 86_400;
-        match state.store.prune_history(before, PRUNE_CHUNK).await {
-            Ok(0) => {}
-            Ok(n) => {
-                state
-                    .counters
-                    .history_pruned
-                    .fetch_add(n, Ordering::Relaxed);
-                tracing::info!(
-                    rows = n,
-                    days,
-                    "pruned status history older than the retention"
-                );
+        let mut pass = 0;
+        loop {
+            match state.store.prune_history(before, PRUNE_CHUNK).await {
+                Ok(n) => {
+                    pass += n;
+                    state
+                        .counters
+                        .history_pruned
+                        .fetch_add(n, Ordering::Relaxed);
+                    if n < PRUNE_CHUNK as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "pruning status history failed");
+                    break;
+                }
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "pruning status history failed"),
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        if pass > 0 {
+            tracing::info!(
+                rows = pass,
+                days,
+                "pruned status history older than the retention"
+            );
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1159,24 +1159,17 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Deletes status history recorded before `before` (Unix seconds), `chunk` rows per
-    /// statement so no single write holds the database for long; the rows deleted.
+    /// Deletes at most `chunk` rows of status history recorded before `before` (Unix
+    /// seconds), the oldest first; the rows deleted.
     pub async fn prune_history(&self, before: i64, chunk: i64) -> Result<u64> {
-        let mut deleted = 0;
-        loop {
-            let n = sqlx::query(
-                "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history WHERE at < $1 ORDER BY id LIMIT $2)",
-            )
-            .bind(before)
-            .bind(chunk)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            deleted += n;
-            if n < chunk as u64 {
-                return Ok(deleted);
-            }
-        }
+        Ok(sqlx::query(
+            "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history WHERE at < $1 ORDER BY at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(chunk)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     pub async fn history(&self, machine_id: &str) -> Result<Vec<HistoryRow>> {
