@@ -184,7 +184,8 @@ impl Client {
         let (v, headers) = self.exchange(self.http.get(self.url(path)), what).await?;
         let next = headers
             .get(crate::api::NEXT_AFTER)
-            .and_then(|h| h.to_str().ok())
+            // Machine ids may be UTF-8 beyond ASCII, which `to_str` refuses.
+            .and_then(|h| std::str::from_utf8(h.as_bytes()).ok())
             .map(str::to_string);
         Ok((v, next))
     }

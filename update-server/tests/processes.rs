@@ -557,6 +557,12 @@ async fn cli_subcommands_drive_the_api() {
         &ue_request("rack 7/host", "1.0.0", "stable", vec![]),
     )
     .await;
+    omaha_post(
+        &update_server::http_client(),
+        &url,
+        &ue_request("émile", "1.0.0", "stable", vec![]),
+    )
+    .await;
     let (url3, token3) = (url.clone(), token.clone());
     let listed = tokio::task::spawn_blocking(move || {
         (
@@ -580,6 +586,11 @@ async fn cli_subcommands_drive_the_api() {
                 &token3,
                 &["instances", "lift-quarantine", "rack 7/host", "5.0.0"],
             ),
+            run_cli(
+                &url3,
+                &token3,
+                &["instances", "--after", "rack 7/host", "--limit", "1"],
+            ),
         )
     })
     .await
@@ -599,6 +610,9 @@ async fn cli_subcommands_drive_the_api() {
         hint.contains("more hosts follow: run again with --after 'cli-host'"),
         "{hint}"
     );
+    let (ok, last, hint) = &listed.8;
+    assert!(*ok && last.contains("émile"), "{last}{hint}");
+    assert!(hint.contains("--after 'émile'"), "{hint}");
     assert!(
         listed.5.contains("rack 7/host") && !listed.5.contains("cli-host"),
         "{}",
