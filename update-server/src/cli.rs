@@ -38,9 +38,7 @@ pub async fn serve(listen: SocketAddr, config: ServerConfig) -> Result<()> {
 
 /// `update-server backup`: a consistent copy of the SQLite database, while servers run.
 pub fn backup(data_dir: &Path, database: Option<String>, to: &Path) -> Result<()> {
-    let mut cfg = ServerConfig::new(data_dir.to_path_buf());
-    cfg.database_url = database;
-    let b = crate::backup::sqlite_backup(&cfg.database_url(), to)?;
+    let b = crate::backup::sqlite_backup(&local_database_url(data_dir, database), to)?;
     println!(
         "backed up {} hosts and {} releases to {} ({} bytes); release bundles stay in {}",
         b.hosts,
@@ -67,11 +65,16 @@ pub async fn token_create(
 
 /// The database of the server whose data dir is `data_dir` (or `database`).
 async fn open_local(data_dir: &Path, database: Option<String>) -> Result<Store> {
-    let mut cfg = ServerConfig::new(data_dir.to_path_buf());
-    cfg.database_url = database;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    Store::open(&cfg.database_url()).await
+    Store::open(&local_database_url(data_dir, database)).await
+}
+
+/// The database URL `serve` would use with this data dir and `--database`.
+fn local_database_url(data_dir: &Path, database: Option<String>) -> String {
+    let mut cfg = ServerConfig::new(data_dir.to_path_buf());
+    cfg.database_url = database;
+    cfg.database_url()
 }
 
 fn format_time(unix: Option<i64>) -> String {

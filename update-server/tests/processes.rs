@@ -531,17 +531,18 @@ async fn cli_subcommands_drive_the_api() {
     assert!(help.contains("[env: TWINROOT_DATABASE_URL]"), "{help}");
     assert!(!help.contains("hunter2"), "{help}");
     // `rollout show` reads like the flags that set the policy.
-    for line in [
-        "  start:      25%",
-        "  ramp:       50% after 1h, 100% after 2h",
-        "  in flight:  at most 10 (a grant stops counting after 2h)",
-        "  windows:    mon,tue 02:00 for 2h (Europe/Berlin)",
-        "  halt:       above 10% failures, once 5 hosts reported",
-        "rollout stable group rack 7/a&b: release 5.0.0",
-        "  ramp:       linear from 50% to 100% over 1d",
-    ] {
-        assert!(out.contains(line), "{line:?} missing from:\n{out}");
-    }
+    assert_contains(
+        &out,
+        &[
+            "  start:      25%",
+            "  ramp:       50% after 1h, 100% after 2h",
+            "  in flight:  at most 10 (a grant stops counting after 2h)",
+            "  windows:    mon,tue 02:00 for 2h (Europe/Berlin)",
+            "  halt:       above 10% failures, once 5 hosts reported",
+            "rollout stable group rack 7/a&b: release 5.0.0",
+            "  ramp:       linear from 50% to 100% over 1d",
+        ],
+    );
     assert!(out.contains("release_promoted"), "{out}");
     assert!(out.contains("channel edge created after stable"), "{out}");
     assert!(out.contains("\nedge "), "{out}");
@@ -564,7 +565,17 @@ async fn cli_subcommands_drive_the_api() {
     )
     .await;
     let (url3, token3) = (url.clone(), token.clone());
-    let listed = tokio::task::spawn_blocking(move || {
+    let (
+        by_channel,
+        json_list,
+        lifted,
+        unknown_host,
+        first_page,
+        after_first,
+        bad_status,
+        lifted_rack,
+        last_page,
+    ) = tokio::task::spawn_blocking(move || {
         (
             cli(&url3, &token3, &["instances", "--channel", "stable"]),
             cli(&url3, &token3, &["instances", "--json"]),
@@ -595,51 +606,31 @@ async fn cli_subcommands_drive_the_api() {
     })
     .await
     .unwrap();
-    assert!(listed.0.contains("cli-host"), "{}", listed.0);
-    assert!(listed.0.contains("LAST_SEEN"), "{}", listed.0);
-    let v: Value = serde_json::from_str(&listed.1).unwrap();
+    assert_contains(&by_channel, &["cli-host", "LAST_SEEN"]);
+    let v: Value = serde_json::from_str(&json_list).unwrap();
     assert_eq!(v[0]["machine_id"], "cli-host");
     // Pages: a full page says where the next one starts; names with '/' and ' ' go as typed.
-    let (ok, first, hint) = &listed.4;
+    let (ok, first, hint) = &first_page;
     assert!(*ok, "{hint}");
     assert!(
         first.contains("cli-host") && !first.contains("rack 7/host"),
         "{first}"
     );
-    assert!(
-        hint.contains("more hosts follow: run again with --after 'cli-host'"),
-        "{hint}"
+    assert_contains(
+        hint,
+        &["more hosts follow: run again with --after 'cli-host'"],
     );
-    let (ok, last, hint) = &listed.8;
+    let (ok, last, hint) = &last_page;
     assert!(*ok && last.contains("émile"), "{last}{hint}");
-    assert!(hint.contains("--after 'émile'"), "{hint}");
+    assert_contains(hint, &["--after 'émile'"]);
     assert!(
-        listed.5.contains("rack 7/host") && !listed.5.contains("cli-host"),
-        "{}",
-        listed.5
+        after_first.contains("rack 7/host") && !after_first.contains("cli-host"),
+        "{after_first}"
     );
-    assert!(
-        listed.6.contains("422") && listed.6.contains("\"bogus\" is not a host status"),
-        "{}",
-        listed.6
-    );
-    assert!(
-        listed.7.contains("lifted for host rack 7/host"),
-        "{}",
-        listed.7
-    );
-    assert!(
-        listed
-            .2
-            .contains("quarantine of 5.0.0 lifted for host cli-host"),
-        "{}",
-        listed.2
-    );
-    assert!(
-        listed.3.contains("404") && listed.3.contains("host nobody"),
-        "{}",
-        listed.3
-    );
+    assert_contains(&bad_status, &["422", "\"bogus\" is not a host status"]);
+    assert_contains(&lifted_rack, &["lifted for host rack 7/host"]);
+    assert_contains(&lifted, &["quarantine of 5.0.0 lifted for host cli-host"]);
+    assert_contains(&unknown_host, &["404", "host nobody"]);
     p.terminate();
 }
 
@@ -1004,14 +995,9 @@ async fn backup_while_serving_restores_every_host_and_token() {
     let mut r = ServerProcess::spawn(&restored, None, Some(&signer.keyring_path));
     r.wait_ready().await;
     let hosts = admin_get(&http, &r.url, &token, "/api/v1/instances").await;
-    let ids: Vec<&str> = hosts
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["machine_id"].as_str().unwrap())
-        .collect();
+    let ids = strings_of(&hosts, "machine_id");
     assert_eq!(ids.len(), 30);
-    assert_eq!((ids[0], ids[29]), ("b00", "b29"));
+    assert_eq!((ids[0].as_str(), ids[29].as_str()), ("b00", "b29"));
     let releases = admin_get(&http, &r.url, &token, "/api/v1/releases").await;
     assert_eq!(releases[0]["version"], "2.0.0");
     r.terminate();

@@ -114,12 +114,7 @@ async fn update_engine_request_gets_noupdate_then_a_valid_offer() {
     assert_eq!(inst[0]["version"], "2.0.0");
     assert_eq!(inst[0]["outcome"], "success");
     let hist = s.get("/api/v1/instances/m1/history").await;
-    let statuses: Vec<&str> = hist
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap())
-        .collect();
+    let statuses = strings_of(&hist, "status");
     assert_eq!(
         statuses,
         [
@@ -1283,13 +1278,7 @@ async fn instances_filter_by_status_and_come_in_pages() {
         .await;
     assert!(is_noupdate(&r));
 
-    let ids = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["machine_id"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let ids = |v: &serde_json::Value| strings_of(v, "machine_id");
     let failed = s.get("/api/v1/instances?status=error").await;
     assert_eq!(ids(&failed), ["h00", "h05", "h10", "h15", "h20"]);
     let granted = s

@@ -443,3 +443,24 @@ pub fn create_token(data_dir: &Path, database: Option<&str>, role: &str) -> Stri
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// The string `key` of every element of a JSON array (a list the admin API answered).
+pub fn strings_of(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|e| {
+            e[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {key} in {e}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// Asserts that `text` contains every one of `parts`, showing `text` when it does not.
+pub fn assert_contains(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part:?} missing from:\n{text}");
+    }
+}
